@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+
+
+def _require_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp must carry a UTC offset")
+    return value.astimezone(UTC)
+
+
+def format_utc(value: datetime) -> str:
+    """ISO 8601 with a ``Z`` suffix, as the contract asks."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_require_utc),
+    PlainSerializer(format_utc, return_type=str, when_used="json"),
+]
+
+CommandId = Annotated[str, Field(min_length=1, max_length=128)]
+UserName = Annotated[str, Field(min_length=1, max_length=256)]
+ClientName = Annotated[str, Field(min_length=1, max_length=128)]
+Purpose = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+$")]
+
+
+class StrictCommand(BaseModel):
+    """Commands reject unknown fields and do not coerce types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class OpenMessage(BaseModel):
+    """Replies and events: readers ignore fields a later version adds."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)

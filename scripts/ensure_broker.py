@@ -1,0 +1,56 @@
+"""Makes sure a RabbitMQ broker answers before tests or the dev service start.
+
+Starts the machine's rabbitmq-server when it is installed but stopped; otherwise fails with
+one clear line instead of a wall of connection errors later.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def main() -> int:
+    url = os.environ.get("OTP_TEST_AMQP_URL") or os.environ.get("OTP_AMQP_URL") or DEFAULT_URL
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+    if reachable(host, port):
+        return 0
+    local = host in {"127.0.0.1", "localhost", "::1"}
+    if local and shutil.which("rabbitmq-server"):
+        print(f"RabbitMQ not answering at {host}:{port}; starting rabbitmq-server", flush=True)
+        subprocess.run(["rabbitmq-server", "-detached"], check=False)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if reachable(host, port):
+                if shutil.which("rabbitmqctl"):
+                    subprocess.run(
+                        ["rabbitmqctl", "await_startup"], check=False, capture_output=True
+                    )
+                return 0
+            time.sleep(0.5)
+    print(
+        f"error: no RabbitMQ broker reachable at {host}:{port} "
+        "(start one, or set OTP_TEST_AMQP_URL)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

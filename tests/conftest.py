@@ -1,0 +1,111 @@
+"""Shared fixtures: one RabbitMQ vhost per test run, cleaned between tests; fresh databases."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from contracts.topology import (
+    COMMAND_QUEUE,
+    DEAD_LETTER_QUEUE,
+    EXCHANGES,
+    NOTIFIER_QUEUE,
+)
+from tests.support import (
+    TEST_DELIVERY_KEY,
+    TEST_SECRET_KEY,
+    create_vhost,
+    delete_vhost,
+)
+from worker.app import Worker
+from worker.settings import Keys, Settings
+
+SERVICE_QUEUES = (COMMAND_QUEUE, DEAD_LETTER_QUEUE, NOTIFIER_QUEUE)
+
+
+@pytest.fixture(scope="session")
+def vhost_url() -> Iterator[str]:
+    name = f"otp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    url = create_vhost(name)
+    try:
+        yield url
+    finally:
+        delete_vhost(name)
+
+
+async def _reset_vhost(url: str) -> None:
+    """Deletes every queue and exchange the service declares, so each test starts bare."""
+    connection = await aio_pika.connect(url)
+    try:
+        for name in SERVICE_QUEUES:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):  # absent is as good as deleted
+                await channel.queue_delete(name)
+            if not channel.is_closed:
+                await channel.close()
+        channel = await connection.channel()
+        for spec in EXCHANGES:
+            await channel.exchange_delete(spec.name)
+        await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def amqp_url(vhost_url: str) -> AsyncIterator[str]:
+    await _reset_vhost(vhost_url)
+    yield vhost_url
+    await _reset_vhost(vhost_url)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'otp.db'}"
+
+
+def make_settings(amqp_url: str, database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "amqp_url": amqp_url,
+        "database_url": database_url,
+        "secret_key": TEST_SECRET_KEY,
+        "delivery_key": TEST_DELIVERY_KEY,
+        "var_dir": tmp_path / "var",
+        "log_format": "json",
+        "resend_cooldown_seconds": 0,
+        "max_sends_per_scope_per_hour": 1000,
+        "max_sends_per_destination_per_hour": 1000,
+        "max_consecutive_failures": 100,
+        "consumer_check_seconds": 0.5,
+        "outbox_lease_seconds": 3,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(
+    amqp_url: str, database_url: str, tmp_path: Path
+) -> AsyncIterator[WorkerFactory]:
+    """Starts in-process workers against this test's vhost and database; stops them after."""
+    started: list[Worker] = []
+
+    async def factory(**overrides: Any) -> Worker:
+        settings = make_settings(amqp_url, database_url, tmp_path, **overrides)
+        worker = Worker(settings, Keys(settings))
+        await worker.start()
+        started.append(worker)
+        return worker
+
+    yield factory
+    for worker in started:
+        await worker.stop()

@@ -1,0 +1,1 @@
+"""The one-time-code command worker. ``python -m worker`` runs it."""

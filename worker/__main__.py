@@ -1,0 +1,50 @@
+"""``python -m worker``: the command worker. SIGTERM finishes in-flight work and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from worker.log import configure, get_logger
+from worker.settings import ConfigError, Keys, load_settings
+
+
+async def _serve() -> None:
+    from worker.app import Worker
+
+    settings = load_settings()
+    configure(settings.log_format, settings.log_level)
+    worker = Worker(settings, Keys(settings))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        get_logger("worker").info("stopping")
+        await worker.stop()
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Runs an entry point's coroutine with uvloop; a config error is one line and exit 2."""
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        runner(main())
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(_serve))

@@ -1,0 +1,59 @@
+"""Broker plumbing shared by the worker and the notifier: topology and outgoing messages."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
+
+_EXCHANGE_TYPES = {
+    "direct": aio_pika.ExchangeType.DIRECT,
+    "topic": aio_pika.ExchangeType.TOPIC,
+    "fanout": aio_pika.ExchangeType.FANOUT,
+}
+
+
+async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:
+    return await channel.declare_exchange(
+        spec.name, _EXCHANGE_TYPES[spec.type], durable=spec.durable
+    )
+
+
+async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
+    return {spec.name: await declare_exchange(channel, spec) for spec in EXCHANGES}
+
+
+async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+    queue = await channel.declare_queue(spec.name, durable=spec.durable, arguments=spec.arguments)
+    for exchange, routing_key in spec.bindings:
+        await queue.bind(exchange, routing_key)
+    return queue
+
+
+def json_message(
+    body: bytes,
+    *,
+    type: str,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    persistent: bool = True,
+    headers: dict[str, Any] | None = None,
+) -> aio_pika.Message:
+    """Every message the service publishes carries these properties (CONTRACT §2)."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        message_id=message_id or str(uuid.uuid4()),
+        correlation_id=correlation_id,
+        type=type,
+        timestamp=datetime.now(UTC),
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
+        headers=headers,
+    )

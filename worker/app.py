@@ -1,0 +1,196 @@
+"""The worker's composition root: connects the broker, the store and the handlers.
+
+``Worker`` runs in-process (tests start it directly) or under ``python -m worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection, ConsumerTag
+
+from contracts.topology import (
+    COMMAND_QUEUE,
+    COMMAND_QUEUE_SPEC,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTERS,
+    EVENTS_EXCHANGE,
+)
+from worker.amqp import declare_exchanges, declare_queue
+from worker.consumer import CommandConsumer, Observer
+from worker.domain.codes import CodeHasher
+from worker.domain.sealing import Sealer
+from worker.log import get_logger
+from worker.relay import OutboxRelay
+from worker.service import CommandHandler, Crypto
+from worker.settings import Keys, Settings
+from worker.store import Store, open_store
+
+log = get_logger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, keys: Keys | None = None, observe: Observer | None = None
+    ) -> None:
+        self.settings = settings
+        self.keys = keys or Keys(settings)
+        self._observe = observe
+        self.store: Store | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self.relay: OutboxRelay | None = None
+        self.consumer: CommandConsumer | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: ConsumerTag | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.consumer_restores = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        self.store = await open_store(
+            s.database_url,
+            synchronous=s.sqlite_synchronous,
+            outbox_lease_seconds=s.outbox_lease_seconds,
+        )
+        self.connection = await aio_pika.connect_robust(
+            s.amqp_url, client_properties={"connection_name": "otp-worker"}
+        )
+        publish = await self.connection.channel(publisher_confirms=True)
+        replies = await self.connection.channel(publisher_confirms=False)
+        consume = await self.connection.channel(publisher_confirms=False)
+        await consume.set_qos(prefetch_count=s.prefetch)
+        exchanges = await declare_exchanges(publish)
+        await declare_queue(publish, DEAD_LETTERS)
+        self._queue = await declare_queue(consume, COMMAND_QUEUE_SPEC)
+
+        self.relay = OutboxRelay(
+            self.store,
+            exchanges[EVENTS_EXCHANGE],
+            publish_timeout=s.publish_timeout_seconds,
+            lease_seconds=s.outbox_lease_seconds,
+        )
+        leftovers = await self.relay.relay_leftovers(everything=True)
+        if leftovers:
+            log.info("relayed leftover events", count=leftovers)
+        self.relay.start()
+
+        crypto = Crypto(
+            CodeHasher(self.keys.secret, self.keys.secret_previous),
+            Sealer(self.keys.delivery, self.keys.delivery_previous),
+        )
+        self.consumer = CommandConsumer(
+            store=self.store,
+            handler=CommandHandler(s.policy(), crypto),
+            policy=s.policy(),
+            replies=replies.default_exchange,
+            dead_letters=exchanges[DEAD_LETTER_EXCHANGE],
+            relay=self.relay,
+            batch_size=s.batch_size,
+            publish_timeout=s.publish_timeout_seconds,
+            observe=self._observe,
+        )
+        self._spawn(self.consumer.run, "command-batches")
+        self._tag = await self._queue.consume(self.consumer.on_message)
+        self._spawn(self._sweep_forever, "sweeper")
+        self._spawn(self._watch_consumer, "consumer-watchdog")
+        log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
+
+    def _spawn(self, target: Callable[[], Awaitable[None]], name: str) -> None:
+        self._tasks.append(asyncio.create_task(target(), name=name))  # type: ignore[arg-type]
+
+    async def consuming(self) -> bool:
+        """True when our consumer is registered on a live channel and the broker counts it."""
+        if self._queue is None or self._tag is None or self.connection is None:
+            return False
+        if self.connection.is_closed or self._queue.channel.is_closed:
+            return False
+        try:
+            channel = await asyncio.wait_for(self._queue.channel.get_underlay_channel(), 2)
+            if self._tag not in getattr(channel, "consumers", {}):
+                return False
+            declared = await channel.queue_declare(COMMAND_QUEUE, passive=True, timeout=5)
+        except Exception:
+            return False
+        return bool(declared.consumer_count)
+
+    async def _watch_consumer(self) -> None:
+        """aio-pika can come back from a reconnect without its consumer (#231, #626)."""
+        while True:
+            await asyncio.sleep(self.settings.consumer_check_seconds)
+            if self.connection is None or not self.connection.connected.is_set():
+                continue
+            if await self.consuming():
+                continue
+            await asyncio.sleep(self.settings.consumer_check_seconds / 2)
+            if not self.connection.connected.is_set() or await self.consuming():
+                continue
+            await self._restore_consumer()
+
+    async def _restore_consumer(self) -> None:
+        assert self._queue is not None and self.consumer is not None
+        log.warning("consumer lost; restoring it")
+        if self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag, timeout=5)
+        try:
+            self._tag = await self._queue.consume(self.consumer.on_message, timeout=10)
+            self.consumer_restores += 1
+        except Exception as exc:
+            log.warning("consumer restore failed; will retry", error=repr(exc))
+
+    async def _sweep_forever(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.sweep_interval_seconds)
+            with contextlib.suppress(Exception):
+                await self.sweep_once()
+
+    async def sweep_once(self) -> None:
+        assert self.store is not None
+        s = self.settings
+        swept = await self.store.sweep(
+            datetime.now(UTC),
+            code_retention_seconds=s.max_ttl_seconds + s.code_retention_seconds,
+            reply_retention_seconds=s.reply_retention_seconds,
+            send_window_seconds=3600,
+            limit=1000,
+        )
+        if any((swept.codes, swept.replies, swept.sends, swept.streaks)):
+            log.info(
+                "swept",
+                codes=swept.codes,
+                replies=swept.replies,
+                sends=swept.sends,
+                streaks=swept.streaks,
+            )
+
+    async def stop(self) -> None:
+        """Stop consuming, finish what was received, publish what was committed, close."""
+        started = time.monotonic()
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag, timeout=5)
+        if self.consumer is not None:
+            await self.consumer.drain(SHUTDOWN_GRACE_SECONDS)
+        if self.relay is not None:
+            await self.relay.drain(max(1.0, SHUTDOWN_GRACE_SECONDS - (time.monotonic() - started)))
+            await self.relay.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+        if self.store is not None:
+            await self.store.close()
+        log.info("worker stopped")

@@ -1,0 +1,73 @@
+"""One logging set-up for every process: structlog, JSON or console, stdlib routed through it.
+
+Every line passes ``_scrub``: a ``code`` field never leaves the process and a
+``destination`` is masked, whoever logged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor
+
+from worker.masking import mask_destination
+
+LogFormat = Literal["json", "console", "auto"]
+
+_SECRET_FIELDS = frozenset({"code", "sealed_code", "secret_key", "delivery_key", "password"})
+
+
+def _scrub(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    for name in _SECRET_FIELDS.intersection(event_dict):
+        event_dict[name] = "[redacted]"
+    destination = event_dict.get("destination")
+    if isinstance(destination, str):
+        event_dict["destination"] = mask_destination(destination)
+    return event_dict
+
+
+def _json_dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _scrub,
+    ]
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer(serializer=_json_dumps)
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.INFO))
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,112 @@
+"""Step 2 of handling: bytes on the wire to a valid command, or a rejection that says why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from pydantic import ValidationError
+
+from contracts.commands import ConfirmCode, IssueCode
+from contracts.replies import ErrorInfo, ErrorType, FieldError
+from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY, MAX_BODY_BYTES
+from worker.domain.model import Policy
+from worker.domain.policy import resolve_ttl, reveal_permitted
+
+Kind = Literal["issue", "confirm"]
+Command = IssueCode | ConfirmCode
+
+KIND_OF_ROUTING_KEY: dict[str, Kind] = {ISSUE_ROUTING_KEY: "issue", CONFIRM_ROUTING_KEY: "confirm"}
+MODEL_OF_KIND: dict[Kind, type[IssueCode] | type[ConfirmCode]] = {
+    "issue": IssueCode,
+    "confirm": ConfirmCode,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    kind: Kind
+    command_id: str | None
+    error: ErrorInfo
+
+    @property
+    def reason(self) -> str:
+        return f"{self.error.type}: {self.error.message}"
+
+
+def kind_of(command: Command) -> Kind:
+    return "issue" if isinstance(command, IssueCode) else "confirm"
+
+
+def parse_command(routing_key: str, body: bytes, policy: Policy) -> Command | Rejection:
+    kind = KIND_OF_ROUTING_KEY.get(routing_key)
+    if kind is None:
+        guessed: Kind = "confirm" if b'"code"' in body else "issue"
+        return _reject(guessed, body, "validation_error", f"unknown routing key {routing_key!r}")
+    if len(body) > MAX_BODY_BYTES:
+        return _reject(kind, body, "too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        command = MODEL_OF_KIND[kind].model_validate_json(body)
+    except ValidationError as exc:
+        return _from_validation(kind, body, exc)
+    if isinstance(command, IssueCode):
+        try:
+            resolve_ttl(policy, command.ttl_seconds)
+        except ValueError as exc:
+            return _reject(
+                kind,
+                body,
+                "validation_error",
+                "invalid command",
+                [FieldError(loc="ttl_seconds", msg=str(exc))],
+            )
+        if command.reveal and not reveal_permitted(policy, command.client):
+            return _reject(
+                kind,
+                body,
+                "reveal_not_permitted",
+                f"client {command.client!r} may not ask for the plaintext code",
+            )
+    return command
+
+
+def _from_validation(kind: Kind, body: bytes, exc: ValidationError) -> Rejection:
+    errors = exc.errors(include_url=False, include_input=False)
+    types = {e["type"] for e in errors}
+    if "json_invalid" in types:
+        return _reject(kind, b"", "invalid_json", "body is not valid UTF-8 JSON")
+    if "model_type" in types and all(not e["loc"] for e in errors):
+        return _reject(kind, body, "invalid_json", "body must be a JSON object")
+    fields = [
+        FieldError(loc=".".join(str(part) for part in e["loc"]) or "(body)", msg=e["msg"])
+        for e in errors
+    ]
+    return _reject(kind, body, "validation_error", "invalid command", fields)
+
+
+def _reject(
+    kind: Kind,
+    body: bytes,
+    error_type: ErrorType,
+    message: str,
+    fields: list[FieldError] | None = None,
+) -> Rejection:
+    return Rejection(
+        kind, _command_id_of(body), ErrorInfo(type=error_type, message=message, fields=fields or [])
+    )
+
+
+def _command_id_of(body: bytes) -> str | None:
+    """Echo a command_id when the body is a JSON object with a string one."""
+    if not body or len(body) > 16 * MAX_BODY_BYTES:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, dict):
+        value = data.get("command_id")
+        if isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return None

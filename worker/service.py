@@ -1,0 +1,290 @@
+"""Command handlers: a batch of valid commands in, replies and staged events out.
+
+One store transaction serves the whole batch. Commands in a batch are applied in order to the
+state loaded at its start, so two commands on one scope behave exactly as if they had arrived
+in two transactions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from contracts.commands import ConfirmCode, IssueCode
+from contracts.events import CodeAttemptFailed, CodeConfirmed, CodeIssued, CodeLocked
+from contracts.replies import ConfirmResult, IssueResult
+from worker.domain.codes import CodeHasher, generate_code
+from worker.domain.model import CodeRecord, CodeState, FailureStreak, Policy, Scope
+from worker.domain.policy import (
+    IssueAction,
+    SendHistory,
+    decide_confirm,
+    decide_issue,
+    next_streak,
+    resolve_ttl,
+    retry_after,
+)
+from worker.domain.sealing import Sealer
+from worker.parsing import Command, kind_of
+from worker.store.base import OutboxEvent, OutboxRow, ReplyKey, Send, Transaction, Writes
+from worker.store.keys import scope_key
+
+REPLY_TYPE = {"issue": "IssueResult", "confirm": "ConfirmResult"}
+_SEALED = "_sealed"
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """One command's outcome: the reply to send and what to log."""
+
+    reply: dict[str, Any]
+    reply_type: str
+    status: str
+    code_id: str | None
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Crypto:
+    hasher: CodeHasher
+    sealer: Sealer
+
+
+def scope_of(command: Command) -> Scope:
+    return Scope(command.user, command.client, command.purpose)
+
+
+def destination_key(crypto: Crypto, command: IssueCode) -> str | None:
+    if command.channel == "none" or command.destination is None:
+        return None
+    return crypto.hasher.pseudonym("destination", command.destination.strip().lower())
+
+
+def lock_keys(commands: Sequence[Command], crypto: Crypto) -> list[str]:
+    keys: set[str] = set()
+    for command in commands:
+        keys.add(f"command:{kind_of(command)}:{command.command_id}")
+        keys.add(f"scope:{scope_key(scope_of(command))}")
+        keys.add(f"user:{command.user}")
+        if isinstance(command, IssueCode) and (dest := destination_key(crypto, command)):
+            keys.add(f"destination:{dest}")
+    return sorted(keys)
+
+
+@dataclass
+class _BatchState:
+    codes: dict[Scope, CodeRecord]
+    scope_sends: dict[str, list[datetime]]
+    destination_sends: dict[str, list[datetime]]
+    streaks: dict[str, FailureStreak]
+    writes: Writes = field(default_factory=Writes)
+
+
+class CommandHandler:
+    def __init__(self, policy: Policy, crypto: Crypto) -> None:
+        self.policy = policy
+        self.crypto = crypto
+
+    async def handle_batch(
+        self, tx: Transaction, commands: Sequence[Command], now: datetime
+    ) -> tuple[list[Handled], list[OutboxRow]]:
+        await tx.lock(lock_keys(commands, self.crypto))
+        keys: list[ReplyKey] = [(kind_of(c), c.command_id) for c in commands]
+        stored = await tx.load_replies(keys)
+        fresh = [c for c, key in zip(commands, keys, strict=True) if key not in stored]
+        issues = [c for c in fresh if isinstance(c, IssueCode)]
+        sends = (
+            await tx.load_sends(
+                {scope_key(scope_of(c)) for c in issues},
+                {d for c in issues if (d := destination_key(self.crypto, c))},
+                now - self.policy.send_window,
+            )
+            if issues
+            else None
+        )
+        state = _BatchState(
+            codes=await tx.load_codes({scope_of(c) for c in fresh}),
+            scope_sends=sends.by_scope if sends else {},
+            destination_sends=sends.by_destination if sends else {},
+            streaks=await tx.load_streaks({c.user for c in fresh}),
+        )
+        handled = []
+        for command, key in zip(commands, keys, strict=True):
+            earlier = stored.get(key) or state.writes.replies.get(key)
+            if earlier is not None:
+                handled.append(self._replay(key[0], earlier))
+            elif isinstance(command, IssueCode):
+                handled.append(self._issue(state, command, now))
+            else:
+                handled.append(self._confirm(state, command, now))
+        rows = await tx.write(state.writes, now)
+        return handled, rows
+
+    def _replay(self, kind: str, stored: bytes) -> Handled:
+        reply = orjson.loads(stored)
+        sealed = reply.pop(_SEALED, None)
+        if sealed is not None:
+            reply["code"] = self.crypto.sealer.unseal(sealed)
+        return Handled(
+            reply, REPLY_TYPE[kind], reply["status"], reply.get("code_id"), replayed=True
+        )
+
+    def _remember(
+        self, state: _BatchState, key: ReplyKey, reply: dict[str, Any], sealed: str | None
+    ) -> None:
+        kept = {k: v for k, v in reply.items() if k != "code"}
+        if sealed is not None:
+            kept[_SEALED] = sealed
+        state.writes.replies[key] = orjson.dumps(kept)
+
+    def _issue(self, state: _BatchState, command: IssueCode, now: datetime) -> Handled:
+        policy, crypto = self.policy, self.crypto
+        scope = scope_of(command)
+        skey = scope_key(scope)
+        dkey = destination_key(crypto, command)
+        history = SendHistory(
+            scope_sends=state.scope_sends.get(skey, ()),
+            destination_sends=state.destination_sends.get(dkey, ()) if dkey else (),
+            streak=state.streaks.get(command.user),
+        )
+        key: ReplyKey = ("issue", command.command_id)
+        wait = retry_after(policy, now, history)
+        if wait is not None:
+            reply = IssueResult(
+                command_id=command.command_id, status="rate_limited", retry_after_seconds=wait
+            ).to_wire()
+            self._remember(state, key, reply, None)
+            return Handled(reply, "IssueResult", "rate_limited", None)
+        current = state.codes.get(scope)
+        if (
+            current is not None
+            and decide_issue(current, now, command.force_new) is IssueAction.RESEND
+        ):
+            record = current
+            sealed = crypto.sealer.reseal(current.sealed)
+            code = crypto.sealer.unseal(sealed) if command.reveal else None
+            resent = True
+        else:
+            code_id = str(uuid.uuid4())
+            code = generate_code(policy.code_length)
+            sealed = crypto.sealer.seal(code)
+            record = CodeRecord(
+                code_id=code_id,
+                scope=scope,
+                key_id=crypto.hasher.current_key_id,
+                digest=crypto.hasher.digest(code_id, code),
+                sealed=sealed,
+                issued_at=now,
+                expires_at=now + resolve_ttl(policy, command.ttl_seconds),
+                attempts=0,
+                state=CodeState.ACTIVE,
+            )
+            state.codes[scope] = record
+            state.writes.codes[scope] = record
+            resent = False
+            if not command.reveal:
+                code = None
+        state.scope_sends.setdefault(skey, []).append(now)
+        if dkey:
+            state.destination_sends.setdefault(dkey, []).append(now)
+        state.writes.sends.append(Send(skey, dkey, now))
+        self._stage(
+            state,
+            CodeIssued(
+                event_id=str(uuid.uuid4()),
+                occurred_at=now,
+                code_id=record.code_id,
+                user=scope.user,
+                client=scope.client,
+                purpose=scope.purpose,
+                channel=command.channel,
+                destination=command.destination,
+                locale=command.locale,
+                context=command.context,
+                expires_at=record.expires_at,
+                resent=resent,
+                sealed_code=sealed,
+            ),
+        )
+        reply = IssueResult(
+            command_id=command.command_id,
+            status="issued",
+            code_id=record.code_id,
+            expires_at=record.expires_at,
+            resent=resent,
+            code=code,
+        ).to_wire()
+        self._remember(state, key, reply, sealed if command.reveal else None)
+        return Handled(reply, "IssueResult", "issued", record.code_id)
+
+    def _confirm(self, state: _BatchState, command: ConfirmCode, now: datetime) -> Handled:
+        scope = scope_of(command)
+        record = state.codes.get(scope)
+        hasher = self.crypto.hasher
+        outcome = decide_confirm(
+            self.policy,
+            record,
+            now,
+            lambda r: hasher.verify(r.code_id, command.code, r.key_id, r.digest),
+        )
+        if outcome.record is not None and outcome.record is not record:
+            state.codes[scope] = outcome.record
+            state.writes.codes[scope] = outcome.record
+        before = state.streaks.get(command.user)
+        after = next_streak(self.policy, before, outcome.failed, now)
+        if after != before:
+            state.writes.streaks[command.user] = after
+            if after is None:
+                state.streaks.pop(command.user, None)
+            else:
+                state.streaks[command.user] = after
+        target = outcome.record
+        if target is not None and outcome.event is not None:
+            common = {
+                "event_id": str(uuid.uuid4()),
+                "occurred_at": now,
+                "code_id": target.code_id,
+                "user": scope.user,
+                "client": scope.client,
+                "purpose": scope.purpose,
+            }
+            if outcome.event == "code.confirmed":
+                self._stage(state, CodeConfirmed(**common, attempts_used=target.attempts))
+            elif outcome.event == "code.locked":
+                self._stage(state, CodeLocked(**common, attempts_used=target.attempts))
+            else:
+                self._stage(
+                    state,
+                    CodeAttemptFailed(
+                        **common,
+                        reason="expired" if outcome.status == "expired" else "invalid",
+                        attempts_left=outcome.attempts_left or 0,
+                    ),
+                )
+        code_id = record.code_id if record is not None else None
+        reply = ConfirmResult(
+            command_id=command.command_id,
+            status=outcome.status,
+            code_id=code_id,
+            attempts_left=outcome.attempts_left,
+        ).to_wire()
+        self._remember(state, ("confirm", command.command_id), reply, None)
+        return Handled(reply, "ConfirmResult", outcome.status, code_id)
+
+    @staticmethod
+    def _stage(
+        state: _BatchState, event: CodeIssued | CodeConfirmed | CodeLocked | CodeAttemptFailed
+    ) -> None:
+        state.writes.events.append(
+            OutboxEvent(
+                event_id=event.event_id,
+                routing_key=event.event,
+                body=event.model_dump_json().encode(),
+                type=event.event,
+            )
+        )

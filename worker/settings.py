@@ -1,0 +1,182 @@
+"""Configuration from ``OTP_*`` environment variables (and ``.env``), for worker and notifier.
+
+``load_settings`` turns any bad value into one line naming the variable (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.domain.model import Policy
+
+ENV_PREFIX = "OTP_"
+
+
+class ConfigError(Exception):
+    """A configuration value the process cannot start with; the message is one line."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    database_url: str = "sqlite:///var/otp.db"
+    secret_key: SecretStr | None = None
+    secret_key_previous: SecretStr = SecretStr("")
+    delivery_key: SecretStr | None = None
+    delivery_key_previous: SecretStr = SecretStr("")
+    dev: bool = False
+    var_dir: Path = Path("var")
+
+    default_ttl_seconds: int = Field(300, ge=1)
+    max_ttl_seconds: int = Field(900, ge=1, le=86400)
+    code_length: int = Field(6, ge=6, le=10)
+    max_attempts: int = Field(5, ge=1, le=100)
+    resend_cooldown_seconds: int = Field(30, ge=0, le=3600)
+    max_sends_per_scope_per_hour: int = Field(5, ge=1)
+    max_sends_per_destination_per_hour: int = Field(10, ge=1)
+    max_consecutive_failures: int = Field(20, ge=1, le=100)
+    reveal_clients: str = ""
+
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_from: str = "no-reply@localhost"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    sms_gateway_url: str | None = None
+    templates_dir: Path | None = None
+
+    log_format: Literal["json", "console", "auto"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    prefetch: int = Field(256, ge=1, le=65535)
+    batch_size: int = Field(256, ge=1, le=2000)
+    sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
+    publish_timeout_seconds: float = Field(10.0, gt=0)
+    outbox_lease_seconds: float = Field(10.0, gt=0)
+    sweep_interval_seconds: float = Field(60.0, gt=0)
+    code_retention_seconds: int = Field(86400, ge=0)
+    reply_retention_seconds: int = Field(86400, ge=60)
+    consumer_check_seconds: float = Field(5.0, gt=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _ttl_fits(self) -> Settings:
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("default_ttl_seconds must not exceed OTP_MAX_TTL_SECONDS")
+        return self
+
+    def policy(self) -> Policy:
+        return Policy(
+            code_length=self.code_length,
+            default_ttl=timedelta(seconds=self.default_ttl_seconds),
+            max_ttl=timedelta(seconds=self.max_ttl_seconds),
+            max_attempts=self.max_attempts,
+            resend_cooldown=timedelta(seconds=self.resend_cooldown_seconds),
+            max_sends_per_scope=self.max_sends_per_scope_per_hour,
+            max_sends_per_destination=self.max_sends_per_destination_per_hour,
+            max_consecutive_failures=self.max_consecutive_failures,
+            reveal_clients=frozenset(_split(self.reveal_clients)),
+        )
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first["loc"][0] if first["loc"] else ""
+        name = f"{ENV_PREFIX}{str(loc).upper()}" if loc else "configuration"
+        raise ConfigError(f"{name}: {first['msg']}") from None
+
+
+class Keys:
+    """The HMAC keys and delivery keys, current first, checked once at start."""
+
+    def __init__(self, settings: Settings, *, need_secret: bool = True) -> None:
+        secret = _value(settings.secret_key)
+        delivery = _value(settings.delivery_key)
+        if settings.dev:
+            secret = secret or _dev_key(settings.var_dir / "secret_key", _new_secret)
+            delivery = delivery or _dev_key(settings.var_dir / "delivery_key", _new_fernet)
+        if need_secret and not secret:
+            raise ConfigError(
+                "OTP_SECRET_KEY: required outside dev mode (generate one with `otp keys`)"
+            )
+        if not delivery:
+            raise ConfigError(
+                "OTP_DELIVERY_KEY: required outside dev mode (generate one with `otp keys`)"
+            )
+        if secret and len(secret) < 16:
+            raise ConfigError("OTP_SECRET_KEY: must be at least 16 characters")
+        self.secret = secret.encode() if secret else b""
+        self.secret_previous = [
+            k.encode() for k in _split(settings.secret_key_previous.get_secret_value())
+        ]
+        self.delivery = _fernet_key("OTP_DELIVERY_KEY", delivery)
+        self.delivery_previous = [
+            _fernet_key("OTP_DELIVERY_KEY_PREVIOUS", k)
+            for k in _split(settings.delivery_key_previous.get_secret_value())
+        ]
+
+
+def _value(secret: SecretStr | None) -> str:
+    return secret.get_secret_value().strip() if secret else ""
+
+
+def _fernet_key(name: str, value: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(value.encode())
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{name}: must be a Fernet key (32 url-safe base64-encoded bytes)")
+    return value.encode()
+
+
+def _new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _new_fernet() -> str:
+    return Fernet.generate_key().decode()
+
+
+def _dev_key(path: Path, make: Callable[[], str]) -> str:
+    """Dev mode keeps generated keys in var/ so codes survive a restart.
+
+    Written beside and hard-linked into place, so two processes starting together agree.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, make().encode())
+        finally:
+            os.close(fd)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()

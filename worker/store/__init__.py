@@ -1,0 +1,25 @@
+"""State stores behind one interface; ``open_store`` picks the backend from the URL."""
+
+from __future__ import annotations
+
+from worker.store.base import Store, TransientStoreError
+
+
+async def open_store(
+    url: str, *, synchronous: str = "FULL", outbox_lease_seconds: float = 30.0
+) -> Store:
+    if url.startswith("sqlite:"):
+        from worker.store.sqlite import SqliteStore
+
+        return await SqliteStore.open(
+            url, synchronous=synchronous, outbox_lease_seconds=outbox_lease_seconds
+        )
+    if url.startswith(("postgresql:", "postgres:")):
+        from worker.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+
+        store: Store = await PostgresStore.open(url, outbox_lease_seconds=outbox_lease_seconds)
+        return store
+    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+
+
+__all__ = ["Store", "TransientStoreError", "open_store"]

@@ -1,0 +1,121 @@
+"""The store interface every backend implements.
+
+It is batch-shaped: a transaction loads everything a batch of commands needs in a few queries
+and writes all their effects at once, so one commit serves many commands (group commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from worker.domain.model import CodeRecord, FailureStreak, Scope
+
+ReplyKey = tuple[str, str]
+"""(command kind, command_id): the idempotency key."""
+
+
+class TransientStoreError(Exception):
+    """The store could not answer now (locked, connection lost); the batch may be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    event_id: str
+    routing_key: str
+    body: bytes
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    event: OutboxEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    scope_key: str
+    destination_key: str | None
+    sent_at: datetime
+
+
+@dataclass(slots=True)
+class Writes:
+    """Everything one batch changes, written in its transaction."""
+
+    codes: dict[Scope, CodeRecord] = field(default_factory=dict)
+    replies: dict[ReplyKey, bytes] = field(default_factory=dict)
+    sends: list[Send] = field(default_factory=list)
+    streaks: dict[str, FailureStreak | None] = field(default_factory=dict)
+    events: list[OutboxEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SendCounts:
+    by_scope: dict[str, list[datetime]]
+    by_destination: dict[str, list[datetime]]
+
+
+class Transaction(Protocol):
+    async def lock(self, keys: Collection[str]) -> None:
+        """Serialise against other processes touching these keys (no-op where the
+        transaction already holds the store's write lock)."""
+
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]: ...
+
+    async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
+
+    async def load_sends(
+        self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
+    ) -> SendCounts: ...
+
+    async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]: ...
+
+    async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
+        """Writes the batch's effects; returns the staged events with their outbox ids."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    codes: int
+    replies: int
+    sends: int
+    streaks: int
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+
+    async def claim_outbox(
+        self,
+        now: datetime,
+        lease_seconds: float,
+        limit: int,
+        *,
+        ignore_leases: bool = False,
+        after_id: int = 0,
+    ) -> list[OutboxRow]:
+        """Rows whose lease ran out (their relay died or failed), leased to the caller, by id.
+
+        ``ignore_leases`` takes every row (a starting process relays all leftovers first)."""
+
+    async def delete_outbox(self, ids: Collection[int]) -> None: ...
+
+    async def outbox_backlog(self) -> int: ...
+
+    async def sweep(
+        self,
+        now: datetime,
+        code_retention_seconds: float,
+        reply_retention_seconds: float,
+        send_window_seconds: float,
+        limit: int,
+    ) -> SweepResult: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

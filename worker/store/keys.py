@@ -1,0 +1,12 @@
+"""Row keys shared by every backend."""
+
+from __future__ import annotations
+
+import json
+
+from worker.domain.model import Scope
+
+
+def scope_key(scope: Scope) -> str:
+    """An unambiguous single-column key for (user, client, purpose)."""
+    return json.dumps([scope.user, scope.client, scope.purpose], ensure_ascii=False)
