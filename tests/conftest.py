@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tests.support import (
     TEST_SECRET_KEY,
     create_vhost,
     delete_vhost,
+    start_process,
 )
 from worker.app import Worker
 from worker.settings import Keys, Settings
@@ -99,9 +102,10 @@ async def start_worker(
     """Starts in-process workers against this test's vhost and database; stops them after."""
     started: list[Worker] = []
 
-    async def factory(**overrides: Any) -> Worker:
-        settings = make_settings(amqp_url, database_url, tmp_path, **overrides)
-        worker = Worker(settings, Keys(settings))
+    async def factory(clock: Callable[[], datetime] | None = None, **overrides: Any) -> Worker:
+        url = overrides.pop("amqp_url", amqp_url)
+        settings = make_settings(url, database_url, tmp_path, **overrides)
+        worker = Worker(settings, Keys(settings), clock=clock) if clock else Worker(settings)
         await worker.start()
         started.append(worker)
         return worker
@@ -109,3 +113,22 @@ async def start_worker(
     yield factory
     for worker in started:
         await worker.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts ``python -m <module>`` subprocesses; kills leftovers at teardown."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def factory(
+        module: str, env: dict[str, str], log_name: str = "process.log"
+    ) -> subprocess.Popen[bytes]:
+        process = start_process(module, env, tmp_path / log_name)
+        processes.append(process)
+        return process
+
+    yield factory
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)

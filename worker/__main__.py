@@ -8,9 +8,21 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
+
+from aiormq.exceptions import AMQPConnectionError
 
 from worker.log import configure, get_logger
 from worker.settings import ConfigError, Keys, load_settings
+
+
+class StartupError(Exception):
+    """The process cannot start (e.g. no broker); the message is one line."""
+
+
+def broker_address(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}{parts.path}"
 
 
 async def _serve() -> None:
@@ -23,7 +35,13 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
+    try:
+        await worker.start()
+    except (OSError, AMQPConnectionError) as exc:
+        await worker.stop()
+        raise StartupError(
+            f"cannot reach the broker at {broker_address(settings.amqp_url)}: {exc}"
+        ) from None
     try:
         await stop.wait()
     finally:
@@ -43,6 +61,9 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
 
@@ -16,6 +22,20 @@ _EXCHANGE_TYPES = {
     "topic": aio_pika.ExchangeType.TOPIC,
     "fanout": aio_pika.ExchangeType.FANOUT,
 }
+
+
+async def connect(url: str, name: str) -> AbstractRobustConnection:
+    """A robust connection; a broker that is down at start fails fast and quietly, with one
+    exception for the entry point to report, instead of the client's reconnect chatter."""
+    quiet = [logging.getLogger(n) for n in ("aiormq.connection", "aio_pika.robust_connection")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
 
 
 async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:

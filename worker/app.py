@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection, ConsumerTag
 
 from contracts.topology import (
@@ -21,7 +20,7 @@ from contracts.topology import (
     DEAD_LETTERS,
     EVENTS_EXCHANGE,
 )
-from worker.amqp import declare_exchanges, declare_queue
+from worker.amqp import connect, declare_exchanges, declare_queue
 from worker.consumer import CommandConsumer, Observer
 from worker.domain.codes import CodeHasher
 from worker.domain.sealing import Sealer
@@ -38,9 +37,14 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 
 class Worker:
     def __init__(
-        self, settings: Settings, keys: Keys | None = None, observe: Observer | None = None
+        self,
+        settings: Settings,
+        keys: Keys | None = None,
+        observe: Observer | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.keys = keys or Keys(settings)
         self._observe = observe
         self.store: Store | None = None
@@ -59,9 +63,7 @@ class Worker:
             synchronous=s.sqlite_synchronous,
             outbox_lease_seconds=s.outbox_lease_seconds,
         )
-        self.connection = await aio_pika.connect_robust(
-            s.amqp_url, client_properties={"connection_name": "otp-worker"}
-        )
+        self.connection = await connect(s.amqp_url, "otp-worker")
         publish = await self.connection.channel(publisher_confirms=True)
         replies = await self.connection.channel(publisher_confirms=False)
         consume = await self.connection.channel(publisher_confirms=False)
@@ -95,6 +97,7 @@ class Worker:
             batch_size=s.batch_size,
             publish_timeout=s.publish_timeout_seconds,
             observe=self._observe,
+            clock=self.clock,
         )
         self._spawn(self.consumer.run, "command-batches")
         self._tag = await self._queue.consume(self.consumer.on_message)
@@ -193,4 +196,5 @@ class Worker:
                 await self.connection.close()
         if self.store is not None:
             await self.store.close()
-        log.info("worker stopped")
+        if self.consumer is not None:
+            log.info("worker stopped")

@@ -52,6 +52,7 @@ class CommandConsumer:
         batch_size: int,
         publish_timeout: float,
         observe: Observer | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
         self._handler = handler
@@ -62,6 +63,7 @@ class CommandConsumer:
         self._batch_size = batch_size
         self._timeout = publish_timeout
         self._observe = observe
+        self._clock = clock
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._busy = False
         self._idle = asyncio.Event()
@@ -117,9 +119,7 @@ class CommandConsumer:
         for attempt in range(STORE_RETRIES):
             try:
                 async with self._store.transaction() as tx:
-                    handled, rows = await self._handler.handle_batch(
-                        tx, commands, datetime.now(UTC)
-                    )
+                    handled, rows = await self._handler.handle_batch(tx, commands, self._clock())
                 break
             except TransientStoreError as exc:
                 log.warning("store busy; retrying batch", attempt=attempt + 1, error=str(exc))

@@ -79,7 +79,10 @@ def _from_validation(kind: Kind, body: bytes, exc: ValidationError) -> Rejection
     if "model_type" in types and all(not e["loc"] for e in errors):
         return _reject(kind, body, "invalid_json", "body must be a JSON object")
     fields = [
-        FieldError(loc=".".join(str(part) for part in e["loc"]) or "(body)", msg=e["msg"])
+        FieldError(
+            loc=".".join(str(part) for part in e["loc"]) or "(body)",
+            msg=e["msg"].removeprefix("Value error, "),
+        )
         for e in errors
     ]
     return _reject(kind, body, "validation_error", "invalid command", fields)

@@ -1,0 +1,186 @@
+"""Crashes, cut connections, lost consumers, SIGTERM: nothing lost, nothing applied twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from tests.conftest import WorkerFactory
+from tests.proxy import TcpProxy
+from tests.support import Producer, event_log, producer, worker_env
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30, every: float = 0.05
+) -> None:
+    async def _poll() -> None:
+        while not predicate():
+            await asyncio.sleep(every)
+
+    await asyncio.wait_for(_poll(), timeout)
+
+
+def replies_by_command(otp: Producer) -> dict[str, list[dict[str, Any]]]:
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for message in otp.reply_messages:
+        body = orjson.loads(message.body)
+        seen.setdefault(body["command_id"], []).append(body)
+    return seen
+
+
+async def publish_issues(
+    otp: Producer, count: int, prefix: str
+) -> list[asyncio.Future[dict[str, Any]]]:
+    return [
+        await otp.send(
+            "code.issue",
+            {
+                "command_id": f"{prefix}-{i}",
+                "user": f"{prefix}-user-{i}",
+                "client": "test-app",
+                "channel": "none",
+                "reveal": True,
+            },
+        )
+        for i in range(count)
+    ]
+
+
+async def test_sigkill_mid_burst_loses_nothing_and_changes_no_reply(
+    amqp_url: str, database_url: str, tmp_path: Path, spawn: Spawn
+) -> None:
+    total = 1500
+    env = worker_env(amqp_url, database_url, tmp_path / "var", OTP_REVEAL_CLIENTS="test-app")
+    first = spawn("worker", env, "worker-1.log")
+    async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
+        await wait_until(lambda: "worker consuming" in (tmp_path / "worker-1.log").read_text())
+        futures = await publish_issues(otp, total, "crash")
+        await wait_until(lambda: len(otp.reply_messages) >= total // 3, timeout=60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        answered_before = len(otp.reply_messages)
+        assert answered_before < total, "the kill came too late to test anything"
+        spawn("worker", env, "worker-2.log")
+        await asyncio.wait_for(asyncio.gather(*futures), 90)
+
+        replies = replies_by_command(otp)
+        assert set(replies) == {f"crash-{i}" for i in range(total)}
+        for command_id, bodies in replies.items():
+            assert all(b == bodies[0] for b in bodies), f"{command_id} got different replies"
+            assert bodies[0]["status"] == "issued"
+        code_ids = {bodies[0]["code_id"] for bodies in replies.values()}
+        assert len(code_ids) == total
+        await events.wait_for(lambda e: code_ids <= {b["code_id"] for b in e.bodies}, timeout=60)
+
+
+async def test_cut_connection_mid_burst_resumes_without_restart(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    parts = urlsplit(amqp_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.5"
+    worker = await start_worker(amqp_url=proxied, reveal_clients="test-app")
+    total = 600
+    try:
+        async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
+            futures = await publish_issues(otp, total, "cut")
+            await wait_until(lambda: len(otp.reply_messages) >= total // 3)
+            await proxy.cut()
+            assert worker.connection is not None
+            await wait_until(lambda: not worker.connection.connected.is_set())  # type: ignore[union-attr]
+            await proxy.restore()
+            await asyncio.wait_for(asyncio.gather(*futures), 60)
+            replies = replies_by_command(otp)
+            assert set(replies) == {f"cut-{i}" for i in range(total)}
+            for bodies in replies.values():
+                assert all(b == bodies[0] for b in bodies)
+            code_ids = {bodies[0]["code_id"] for bodies in replies.values()}
+            await events.wait_for(
+                lambda e: code_ids <= {b["code_id"] for b in e.bodies}, timeout=60
+            )
+            assert proxy.connections >= 2
+            assert await worker.consuming()
+            after = await otp.issue(user="after-the-cut")
+            assert after["status"] == "issued"
+    finally:
+        await proxy.cut()
+
+
+async def test_a_lost_consumer_is_detected_and_restored(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    worker = await start_worker()
+    assert await worker.consuming()
+    assert worker._queue is not None and worker._tag is not None
+    channel = await worker._queue.channel.get_underlay_channel()
+    await channel.basic_cancel(worker._tag)
+    assert not await worker.consuming()
+    await wait_until(lambda: worker.consumer_restores >= 1, timeout=20)
+    async with producer(amqp_url) as otp:
+        assert (await otp.issue(user="restored"))["status"] == "issued"
+    assert await worker.consuming()
+
+
+async def test_sigterm_finishes_in_flight_work_and_exits_zero(
+    amqp_url: str, database_url: str, tmp_path: Path, spawn: Spawn
+) -> None:
+    env = worker_env(amqp_url, database_url, tmp_path / "var")
+    total = 800
+    process = spawn("worker", env, "worker-term.log")
+    await wait_until(lambda: "worker consuming" in (tmp_path / "worker-term.log").read_text())
+    async with producer(amqp_url) as otp:
+        futures = await publish_issues(otp, total, "term")
+        await wait_until(lambda: len(otp.reply_messages) >= 100, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        log = (tmp_path / "worker-term.log").read_text()
+        assert "worker stopped" in log
+        spawn("worker", env, "worker-after.log")
+        await asyncio.wait_for(asyncio.gather(*futures), 60)
+        assert set(replies_by_command(otp)) == {f"term-{i}" for i in range(total)}
+
+
+def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    base = worker_env("amqp://guest:guest@127.0.0.1:1/", "sqlite:///x.db", tmp_path)
+    for variable, value in (
+        ("OTP_CODE_LENGTH", "12"),
+        ("OTP_MAX_ATTEMPTS", "many"),
+        ("OTP_DELIVERY_KEY", "not-a-key"),
+        ("OTP_SECRET_KEY", ""),
+    ):
+        result = subprocess.run(
+            [__import__("sys").executable, "-m", "worker"],
+            env={**base, variable: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr
+        assert len(lines) == 1 and variable in lines[0], result.stderr
+
+
+def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{tmp_path}/x.db", tmp_path)
+    result = subprocess.run(
+        [__import__("sys").executable, "-m", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0], result.stderr

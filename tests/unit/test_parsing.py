@@ -1,0 +1,124 @@
+"""From wire bytes to a command or a clear rejection."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import orjson
+import pytest
+
+from contracts.commands import ConfirmCode, IssueCode
+from worker.domain.model import Policy
+from worker.masking import mask_destination
+from worker.parsing import Rejection, parse_command
+
+POLICY = Policy(reveal_clients=frozenset({"qa"}), max_ttl=timedelta(seconds=900))
+ISSUE = {"command_id": "c", "user": "u", "client": "app", "channel": "none"}
+
+
+def parse(body: object, routing_key: str = "code.issue") -> IssueCode | ConfirmCode | Rejection:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return parse_command(routing_key, raw, POLICY)
+
+
+def rejection(body: object, routing_key: str = "code.issue") -> Rejection:
+    result = parse(body, routing_key)
+    assert isinstance(result, Rejection), result
+    return result
+
+
+def test_a_minimal_issue_gets_defaults() -> None:
+    command = parse(ISSUE)
+    assert isinstance(command, IssueCode)
+    assert (command.purpose, command.locale, command.context) == ("login", "en", {})
+    assert not command.force_new and not command.reveal
+
+
+def test_a_confirm() -> None:
+    command = parse(
+        {"command_id": "c", "user": "u", "client": "a", "code": "123456"}, "code.confirm"
+    )
+    assert isinstance(command, ConfirmCode)
+    assert "123456" not in repr(command)
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc"),
+    [
+        ({"extra": 1}, "extra"),
+        ({"command_id": ""}, "command_id"),
+        ({"command_id": "x" * 129}, "command_id"),
+        ({"user": ""}, "user"),
+        ({"purpose": "Log In"}, "purpose"),
+        ({"ttl_seconds": "300"}, "ttl_seconds"),
+        ({"ttl_seconds": 0}, "ttl_seconds"),
+        ({"ttl_seconds": 901}, "ttl_seconds"),
+        ({"channel": "pigeon"}, "channel"),
+        ({"channel": "email"}, "destination"),
+        ({"channel": "email", "destination": "not-an-address"}, "destination"),
+        ({"channel": "sms", "destination": "015112345678"}, "destination"),
+        ({"locale": "english!"}, "locale"),
+        ({"context": {str(i): "v" for i in range(17)}}, "context"),
+        ({"context": {"k": "v" * 257}}, "context.k"),
+        ({"force_new": "yes"}, "force_new"),
+    ],
+)
+def test_invalid_fields_are_named(changes: dict[str, object], loc: str) -> None:
+    result = rejection({**ISSUE, **changes})
+    assert result.error.type == "validation_error"
+    assert loc in [f.loc for f in result.error.fields]
+    assert result.command_id == ISSUE["command_id"] or changes.get("command_id") is not None
+
+
+def test_valid_destinations() -> None:
+    assert isinstance(
+        parse({**ISSUE, "channel": "email", "destination": "a.b+c@mail.example.org"}), IssueCode
+    )
+    assert isinstance(
+        parse({**ISSUE, "channel": "sms", "destination": "+4915112345678"}), IssueCode
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type"),
+    [
+        (b"{", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b'"text"', "invalid_json"),
+        (b"", "invalid_json"),
+    ],
+)
+def test_bodies_that_are_not_json_objects(body: bytes, error_type: str) -> None:
+    result = rejection(body)
+    assert result.error.type == error_type
+    assert result.command_id is None
+
+
+def test_too_large() -> None:
+    body = orjson.dumps({**ISSUE, "context": {"k": "x" * 70_000}})
+    result = rejection(body)
+    assert result.error.type == "too_large"
+    assert result.command_id == "c"
+
+
+def test_reveal_only_for_listed_clients() -> None:
+    assert rejection({**ISSUE, "reveal": True}).error.type == "reveal_not_permitted"
+    assert isinstance(parse({**ISSUE, "client": "qa", "reveal": True}), IssueCode)
+
+
+def test_unknown_routing_key() -> None:
+    assert rejection(ISSUE, "code.delete").error.type == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("alice@example.org", "a***@example.org"),
+        ("+4915112345678", "+49********678"),
+        ("weird", "***"),
+        (None, None),
+    ],
+)
+def test_destinations_are_masked(value: str | None, masked: str | None) -> None:
+    assert mask_destination(value) == masked
