@@ -29,6 +29,7 @@ from worker.relay import OutboxRelay
 from worker.service import CommandHandler, Crypto
 from worker.settings import Keys, Settings
 from worker.store import Store, open_store
+from worker.store.base import SweepResult
 
 log = get_logger(__name__)
 
@@ -155,11 +156,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.sweep_once()
 
-    async def sweep_once(self) -> None:
+    async def sweep_once(self) -> SweepResult:
         assert self.store is not None
         s = self.settings
         swept = await self.store.sweep(
-            datetime.now(UTC),
+            self.clock(),
             code_retention_seconds=s.max_ttl_seconds + s.code_retention_seconds,
             reply_retention_seconds=s.reply_retention_seconds,
             send_window_seconds=3600,
@@ -173,6 +174,7 @@ class Worker:
                 sends=swept.sends,
                 streaks=swept.streaks,
             )
+        return swept
 
     async def stop(self) -> None:
         """Stop consuming, finish what was received, publish what was committed, close."""

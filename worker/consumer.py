@@ -101,13 +101,18 @@ class CommandConsumer:
         started = asyncio.get_running_loop().time()
         valid: list[tuple[AbstractIncomingMessage, Command]] = []
         rejected: list[tuple[AbstractIncomingMessage, Rejection]] = []
+        work = []
         for message in batch:
-            parsed = parse_command(message.routing_key or "", message.body, self._policy)
+            try:
+                parsed = parse_command(message.routing_key or "", message.body, self._policy)
+            except Exception:
+                work.append(self._give_up(message, None))
+                continue
             if isinstance(parsed, Rejection):
                 rejected.append((message, parsed))
             else:
                 valid.append((message, parsed))
-        work = [self._reject(message, rejection, started) for message, rejection in rejected]
+        work += [self._reject(message, rejection, started) for message, rejection in rejected]
         if valid:
             work.append(self._apply(valid, started))
         await asyncio.gather(*work)
@@ -164,7 +169,11 @@ class CommandConsumer:
                 await self._apply([item], started)
             return
         message, command = valid[0]
-        structlog.contextvars.bind_contextvars(command_id=command.command_id)
+        await self._give_up(message, command.command_id)
+
+    async def _give_up(self, message: AbstractIncomingMessage, command_id: str | None) -> None:
+        """A bug, not bad input: park the command for an operator instead of looping on it."""
+        structlog.contextvars.bind_contextvars(command_id=command_id)
         log.exception("command failed; dead-lettering it")
         structlog.contextvars.clear_contextvars()
         try:

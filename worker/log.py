@@ -65,7 +65,8 @@ def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    for noisy in ("aio_pika", "aiormq"):
+    # Their debug lines carry message bodies and SQL parameters: never below INFO.
+    for noisy in ("aio_pika", "aiormq", "aiosqlite", "asyncpg", "httpx", "httpcore", "aiosmtplib"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.INFO))
 
 

@@ -53,6 +53,7 @@ def test_a_confirm() -> None:
         ({"ttl_seconds": "300"}, "ttl_seconds"),
         ({"ttl_seconds": 0}, "ttl_seconds"),
         ({"ttl_seconds": 901}, "ttl_seconds"),
+        ({"ttl_seconds": 10**30}, "ttl_seconds"),
         ({"channel": "pigeon"}, "channel"),
         ({"channel": "email"}, "destination"),
         ({"channel": "email", "destination": "not-an-address"}, "destination"),

@@ -21,10 +21,10 @@ def resolve_ttl(policy: Policy, requested_seconds: int | None) -> timedelta:
     """The lifetime of a fresh code; raises ValueError outside 1 … max."""
     if requested_seconds is None:
         return policy.default_ttl
-    ttl = timedelta(seconds=requested_seconds)
-    if not timedelta(seconds=1) <= ttl <= policy.max_ttl:
-        raise ValueError(f"ttl_seconds must be between 1 and {int(policy.max_ttl.total_seconds())}")
-    return ttl
+    longest = int(policy.max_ttl.total_seconds())
+    if not 1 <= requested_seconds <= longest:
+        raise ValueError(f"ttl_seconds must be between 1 and {longest}")
+    return timedelta(seconds=requested_seconds)
 
 
 def reveal_permitted(policy: Policy, client: str) -> bool:

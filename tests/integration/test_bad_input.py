@@ -1,0 +1,153 @@
+"""Generated malformed commands: each is rejected clearly, dead-lettered, and the worker goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aio_pika
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from contracts.topology import (
+    DEAD_LETTER_QUEUE,
+    ERROR_TYPE_HEADER,
+    REASON_HEADER,
+    REDACTED_HEADER,
+    ROUTING_KEY_HEADER,
+)
+from tests.conftest import WorkerFactory
+from tests.support import producer
+
+VALID = {
+    "user": "mallory",
+    "client": "test-app",
+    "channel": "email",
+    "destination": "m@example.org",
+}
+REQUIRED = ("command_id", "user", "client", "channel")
+not_a_string = st.one_of(
+    st.integers(), st.booleans(), st.none(), st.lists(st.integers(), max_size=2)
+)
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+)
+
+
+def dumps(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def malformed_bodies() -> st.SearchStrategy[bytes]:
+    """Bodies that are no valid IssueCode, each for a different reason."""
+    command_ids = st.uuids().map(str)
+    with_id = command_ids.map(lambda cid: {**VALID, "command_id": cid})
+    garbage = st.binary(max_size=80).filter(lambda b: not b.strip().startswith(b"{"))
+    non_objects = st.recursive(
+        json_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=5
+    ).map(dumps)
+    extra_field = st.tuples(with_id, st.text(min_size=1, max_size=10), json_scalars).map(
+        lambda t: dumps({**t[0], f"x_{t[1]}": t[2]})
+    )
+    missing_field = st.tuples(with_id, st.sampled_from(REQUIRED)).map(
+        lambda t: dumps({k: v for k, v in t[0].items() if k != t[1]})
+    )
+    wrong_type = st.tuples(
+        with_id, st.sampled_from(["user", "client", "channel", "destination"]), not_a_string
+    ).map(lambda t: dumps({**t[0], t[1]: t[2]}))
+    bad_destination = st.tuples(with_id, st.text(max_size=30).filter(lambda s: "@" not in s)).map(
+        lambda t: dumps({**t[0], "destination": t[1]})
+    )
+    bad_ttl = st.tuples(
+        with_id, st.one_of(st.integers(max_value=0), st.integers(min_value=901))
+    ).map(lambda t: dumps({**t[0], "ttl_seconds": t[1]}))
+    return st.one_of(
+        garbage, non_objects, extra_field, missing_field, wrong_type, bad_destination, bad_ttl
+    )
+
+
+def generate(count: int) -> list[bytes]:
+    found: list[bytes] = []
+
+    @settings(
+        max_examples=count * 2,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        deadline=None,
+    )
+    @given(malformed_bodies())
+    def collect(body: bytes) -> None:
+        if body not in found:
+            found.append(body)
+
+    collect()
+    return found[:count]
+
+
+async def drain_dead_letters(url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(url)
+    messages = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+    finally:
+        await connection.close()
+    return messages
+
+
+async def test_generated_malformed_commands(amqp_url: str, start_worker: WorkerFactory) -> None:
+    bodies = generate(220)
+    assert len(bodies) >= 200
+    await start_worker()
+    async with producer(amqp_url) as otp:
+        futures = [await otp.send("code.issue", body) for body in bodies]
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 60)
+        for body, reply in zip(bodies, replies, strict=True):
+            assert reply["status"] == "rejected", body
+            error = reply["error"]
+            assert error["type"] in {"invalid_json", "validation_error", "too_large"}, body
+            assert error["message"]
+            if error["type"] == "validation_error":
+                assert error["fields"] and all(f["loc"] and f["msg"] for f in error["fields"])
+            data: Any = (
+                orjson.loads(body) if body.startswith((b"{", b"[")) and _is_json(body) else None
+            )
+            if isinstance(data, dict) and isinstance(data.get("command_id"), str):
+                assert reply["command_id"] == data["command_id"]
+            else:
+                assert reply["command_id"] is None
+        dead = await drain_dead_letters(amqp_url)
+        assert sorted(m.body for m in dead) == sorted(bodies)
+        for message in dead:
+            headers = message.headers
+            assert headers[REASON_HEADER] and headers[ERROR_TYPE_HEADER]
+            assert headers[ROUTING_KEY_HEADER] == "code.issue"
+        assert (await otp.issue(user="still-here"))["status"] == "issued"
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+async def test_a_dead_lettered_confirm_never_carries_the_code(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    async with producer(amqp_url) as otp:
+        body = {"command_id": "dl-1", "user": "u", "client": "c", "code": "424242", "extra": True}
+        reply = await otp.call("code.confirm", body)
+        assert reply["status"] == "rejected"
+        assert reply["command_id"] == "dl-1"
+        (dead,) = await drain_dead_letters(amqp_url)
+        assert b"424242" not in dead.body
+        assert orjson.loads(dead.body) == {**body, "code": "[redacted]"}
+        assert dead.headers[REDACTED_HEADER] == "code"
+        assert dead.correlation_id is not None and dead.reply_to == otp.reply_queue.name

@@ -1,0 +1,83 @@
+"""No plaintext code in the database files, the logs, any event or any dead letter."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aio_pika
+
+from contracts.topology import DEAD_LETTER_QUEUE
+from tests.integration.test_faults import Spawn, wait_until
+from tests.support import event_log, producer, worker_env
+
+
+async def test_codes_leave_no_trace(amqp_url: str, tmp_path: Path, spawn: Spawn) -> None:
+    database = tmp_path / "state" / "otp.db"
+    env = worker_env(
+        amqp_url,
+        f"sqlite:///{database}",
+        tmp_path / "var",
+        OTP_REVEAL_CLIENTS="test-app",
+        OTP_CODE_LENGTH="10",
+        OTP_LOG_LEVEL="debug",
+    )
+    log_path = tmp_path / "worker.log"
+    process = spawn("worker", env, "worker.log")
+    await wait_until(lambda: "worker consuming" in log_path.read_text())
+    codes: list[str] = []
+    async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+        for i in range(30):
+            issued = await otp.issue(
+                user=f"u{i}", reveal=True, channel="email", destination=f"person{i}@example.org"
+            )
+            codes.append(issued["code"])
+            resent = await otp.issue(
+                user=f"u{i}", reveal=True, channel="sms", destination="+4915112345678"
+            )
+            assert resent["code"] == issued["code"]
+            if i % 3 == 0:
+                assert (await otp.confirm(user=f"u{i}", code=issued["code"]))[
+                    "status"
+                ] == "confirmed"
+            elif i % 3 == 1:
+                wrong = "0" * 10 if issued["code"] != "0" * 10 else "1" * 10
+                assert (await otp.confirm(user=f"u{i}", code=wrong))["status"] == "invalid"
+            # A malformed confirm carrying the right code ends in the dead letters.
+            bad = await otp.call(
+                "code.confirm",
+                {
+                    "command_id": f"bad-{i}",
+                    "user": f"u{i}",
+                    "client": "test-app",
+                    "code": issued["code"],
+                    "x": 1,
+                },
+            )
+            assert bad["status"] == "rejected"
+        await events.wait_for(lambda e: len(e.named("code.issued")) == 60)
+        event_bytes = b"\n".join(m.body for m in events.messages)
+
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+    dead = []
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        dead.append(message.body + repr(message.headers).encode())
+    await connection.close()
+    assert len(dead) == 30
+
+    process.terminate()
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    logs = log_path.read_bytes()
+    stored = b"".join(p.read_bytes() for p in database.parent.iterdir() if p.is_file())
+    assert len(stored) > 0 and b"command handled" in logs
+    for code in codes:
+        needle = code.encode()
+        assert needle not in logs, "a code in the logs"
+        assert needle not in stored, "a code in the database files"
+        assert needle not in event_bytes, "a code in an event"
+        assert all(needle not in d for d in dead), "a code in a dead letter"
+    for i in range(30):
+        assert f"person{i}@example.org".encode() not in logs, "an unmasked destination"
+    assert b"+4915112345678" not in logs

@@ -1,0 +1,52 @@
+"""Dev-mode keys, required secrets, and the sweeper."""
+
+from __future__ import annotations
+
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WorkerFactory
+from tests.integration.test_commands import Clock
+from tests.support import producer
+from worker.settings import ConfigError, Keys, Settings
+
+
+def test_dev_mode_generates_keys_once_and_keeps_them(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, dev=True, var_dir=tmp_path / "var")  # type: ignore[call-arg]
+    first, second = Keys(settings), Keys(settings)
+    assert first.secret == second.secret and len(first.secret) >= 32
+    assert first.delivery == second.delivery
+    for name in ("secret_key", "delivery_key"):
+        mode = (tmp_path / "var" / name).stat().st_mode
+        assert stat.S_IMODE(mode) == 0o600
+
+
+def test_keys_are_required_outside_dev_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="OTP_SECRET_KEY"):
+        Keys(Settings(_env_file=None, var_dir=tmp_path))  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="OTP_DELIVERY_KEY"):
+        Keys(Settings(_env_file=None, secret_key="x" * 32, var_dir=tmp_path))  # type: ignore[call-arg]
+    assert not (tmp_path / "secret_key").exists()
+
+
+async def test_the_sweeper_forgets_expired_codes_and_old_replies(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    clock = Clock()
+    worker = await start_worker(clock=clock, reveal_clients="test-app", code_retention_seconds=60)
+    async with producer(amqp_url) as otp:
+        command = {"command_id": "old", "user": "s", "client": "test-app", "channel": "none"}
+        first = await otp.call("code.issue", command)
+        clock.advance(30)
+        assert (await otp.confirm(user="s", code="1"))["status"] == "invalid"
+
+        worker.clock = clock  # the sweeper reads the same clock as the handlers
+        clock.now += timedelta(seconds=900 + 60 + 86400)
+        swept = await worker.sweep_once()
+        assert swept.codes == 1 and swept.replies == 2 and swept.sends == 1
+        assert (await otp.confirm(user="s", code="1"))["status"] == "not_found"
+        again = await otp.call("code.issue", command)
+        assert again["code_id"] != first["code_id"]
