@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ from contracts.topology import (
     NOTIFIER_QUEUE,
 )
 from tests.support import (
+    AUDIT,
     TEST_DELIVERY_KEY,
     TEST_SECRET_KEY,
     create_vhost,
@@ -28,6 +30,7 @@ from tests.support import (
     start_process,
 )
 from worker.app import Worker
+from worker.log import configure
 from worker.settings import Keys, Settings
 
 SERVICE_QUEUES = (COMMAND_QUEUE, DEAD_LETTER_QUEUE, NOTIFIER_QUEUE)
@@ -132,3 +135,41 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audited_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """In-process workers log JSON at debug level into the session's folder, for the audit."""
+    path = tmp_path_factory.getbasetemp() / "in-process.log"
+    with path.open("a", encoding="utf-8") as stream:
+        configure("json", "debug", stream=stream)
+        yield path
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run if any log line of the whole suite holds a code or a full destination."""
+    basetemp = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    leaks = audit_log_files(sorted(Path(basetemp).rglob("*.log")), AUDIT.codes, AUDIT.destinations)
+    if leaks:
+        session.exitstatus = 1
+        print(f"\nLOG AUDIT FAILED: {len(leaks)} leak(s), e.g. {leaks[:3]}")
+
+
+def audit_log_files(files: list[Path], codes_seen: set[str], destinations: set[str]) -> list[str]:
+    codes = sorted(codes_seen, key=len, reverse=True)
+    leaks: list[str] = []
+    if not files or not (codes or destinations):
+        return leaks
+    pattern = (
+        re.compile("(?<![0-9A-Za-z.:_-])(?:" + "|".join(map(re.escape, codes)) + ")(?![0-9A-Za-z])")
+        if codes
+        else None
+    )
+    for file in files:
+        if file.name.endswith(".console.log"):  # the dev console transport's output IS delivery
+            continue
+        text = file.read_text(errors="replace")
+        if pattern is not None and (found := pattern.search(text)):
+            leaks.append(f"{file.name}: code {found.group(0)}")
+        leaks.extend(f"{file.name}: {d}" for d in destinations if d in text)
+    return leaks

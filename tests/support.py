@@ -20,6 +20,17 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Audit:
+    """Every plaintext code and destination the suite saw; no log file may contain them."""
+
+    codes: set[str] = field(default_factory=set)
+    destinations: set[str] = field(default_factory=set)
+
+
+AUDIT = Audit()
 BROKER = os.environ.get("OTP_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 
 
@@ -52,9 +63,12 @@ class Producer:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         self.reply_messages.append(message)
+        body = orjson.loads(message.body)
+        if isinstance(body, dict) and isinstance(body.get("code"), str):
+            AUDIT.codes.add(body["code"])
         future = self.replies.get(message.correlation_id or "")
         if future is not None and not future.done():
-            future.set_result(orjson.loads(message.body))
+            future.set_result(body)
 
     async def send(
         self, routing_key: str, body: dict[str, Any] | bytes, *, correlation_id: str | None = None
@@ -62,6 +76,8 @@ class Producer:
         correlation_id = correlation_id or str(uuid.uuid4())
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.replies[correlation_id] = future
+        if isinstance(body, dict) and isinstance(body.get("destination"), str):
+            AUDIT.destinations.add(body["destination"])
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         await self.exchange.publish(
             aio_pika.Message(

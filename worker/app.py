@@ -56,6 +56,7 @@ class Worker:
         self._tag: ConsumerTag | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.consumer_restores = 0
+        self._stopped = False
 
     async def start(self) -> None:
         s = self.settings
@@ -177,7 +178,12 @@ class Worker:
         return swept
 
     async def stop(self) -> None:
-        """Stop consuming, finish what was received, publish what was committed, close."""
+        """Stop consuming, finish what was received, publish what was committed, close.
+
+        Safe to call more than once: later calls return at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         started = time.monotonic()
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(Exception):

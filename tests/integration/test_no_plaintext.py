@@ -81,3 +81,18 @@ async def test_codes_leave_no_trace(amqp_url: str, tmp_path: Path, spawn: Spawn)
     for i in range(30):
         assert f"person{i}@example.org".encode() not in logs, "an unmasked destination"
     assert b"+4915112345678" not in logs
+
+
+def test_the_suite_wide_log_audit_catches_leaks_and_ignores_lookalikes(tmp_path: Path) -> None:
+    from tests.conftest import audit_log_files
+
+    codes, destinations = {"482913"}, {"leak@example.org"}
+    clean = tmp_path / "clean.txt"
+    clean.write_text(
+        '{"timestamp":"2026-11-25T17:47:16.482913Z","code_id":"a482913b-0000",'
+        '"destination":"l***@example.org","count":"1482913"}\n'
+    )
+    assert audit_log_files([clean], codes, destinations) == []
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text('{"event":"oops","code":"482913"}\n{"to":"leak@example.org"}\n')
+    assert len(audit_log_files([leaky], codes, destinations)) == 2
