@@ -21,6 +21,7 @@ from contracts.topology import (
     EXCHANGES,
     NOTIFIER_QUEUE,
 )
+from tests.databases import BACKENDS, temporary_database
 from tests.support import (
     AUDIT,
     TEST_DELIVERY_KEY,
@@ -71,9 +72,11 @@ async def amqp_url(vhost_url: str) -> AsyncIterator[str]:
     await _reset_vhost(vhost_url)
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'otp.db'}"
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Every test that touches the store runs once per backend."""
+    async with temporary_database(request.param, tmp_path) as url:
+        yield url
 
 
 def make_settings(amqp_url: str, database_url: str, tmp_path: Path, **overrides: Any) -> Settings:

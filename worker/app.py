@@ -25,8 +25,10 @@ from worker.consumer import CommandConsumer, Observer
 from worker.domain.codes import CodeHasher
 from worker.domain.sealing import Sealer
 from worker.log import get_logger
+from worker.metrics import MetricsServer, WorkerMetrics, serve_worker
+from worker.parsing import Rejection
 from worker.relay import OutboxRelay
-from worker.service import CommandHandler, Crypto
+from worker.service import CommandHandler, Crypto, Handled
 from worker.settings import Keys, Settings
 from worker.store import Store, open_store
 from worker.store.base import SweepResult
@@ -57,9 +59,16 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.consumer_restores = 0
         self._stopped = False
+        self.metrics = WorkerMetrics()
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_port: int | None = None
+        self.broker_consumers = 0
 
     async def start(self) -> None:
         s = self.settings
+        if s.metrics_port is not None:  # first, so liveness answers while we start
+            self.metrics_server = await serve_worker(self, s.metrics_host, s.metrics_port)
+            self.metrics_port = self.metrics_server.port
         self.store = await open_store(
             s.database_url,
             synchronous=s.sqlite_synchronous,
@@ -98,7 +107,7 @@ class Worker:
             relay=self.relay,
             batch_size=s.batch_size,
             publish_timeout=s.publish_timeout_seconds,
-            observe=self._observe,
+            observe=self._observe_command,
             clock=self.clock,
         )
         self._spawn(self.consumer.run, "command-batches")
@@ -106,6 +115,11 @@ class Worker:
         self._spawn(self._sweep_forever, "sweeper")
         self._spawn(self._watch_consumer, "consumer-watchdog")
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
+
+    def _observe_command(self, routing_key: str, outcome: Handled | Rejection, t: float) -> None:
+        self.metrics.observe_command(routing_key, outcome, t)
+        if self._observe is not None:
+            self._observe(routing_key, outcome, t)
 
     def _spawn(self, target: Callable[[], Awaitable[None]], name: str) -> None:
         self._tasks.append(asyncio.create_task(target(), name=name))  # type: ignore[arg-type]
@@ -123,6 +137,7 @@ class Worker:
             declared = await channel.queue_declare(COMMAND_QUEUE, passive=True, timeout=5)
         except Exception:
             return False
+        self.broker_consumers = declared.consumer_count or 0
         return bool(declared.consumer_count)
 
     async def _watch_consumer(self) -> None:
@@ -204,5 +219,7 @@ class Worker:
                 await self.connection.close()
         if self.store is not None:
             await self.store.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.consumer is not None:
             log.info("worker stopped")

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     reply_retention_seconds: int = Field(86400, ge=60)
     consumer_check_seconds: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
 
     @model_validator(mode="after")
     def _ttl_fits(self) -> Settings:

@@ -15,7 +15,7 @@ async def open_store(
             url, synchronous=synchronous, outbox_lease_seconds=outbox_lease_seconds
         )
     if url.startswith(("postgresql:", "postgres:")):
-        from worker.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+        from worker.store.postgres import PostgresStore
 
         store: Store = await PostgresStore.open(url, outbox_lease_seconds=outbox_lease_seconds)
         return store

@@ -107,6 +107,9 @@ class Store(Protocol):
 
     async def outbox_backlog(self) -> int: ...
 
+    async def outbox_oldest(self) -> datetime | None:
+        """When the oldest unrelayed event was staged: its age is the relay's lag."""
+
     async def sweep(
         self,
         now: datetime,

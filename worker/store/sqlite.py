@@ -290,6 +290,11 @@ class SqliteStore:
             rows = list(await self._db.execute_fetchall("SELECT count(*) FROM outbox"))
         return int(rows[0][0])
 
+    async def outbox_oldest(self) -> datetime | None:
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall("SELECT min(created_at) FROM outbox"))
+        return None if rows[0][0] is None else _dt(rows[0][0])
+
     async def sweep(
         self,
         now: datetime,

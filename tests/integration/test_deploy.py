@@ -1,0 +1,294 @@
+"""The deploy files agree with the code, and the broker users are really least-privilege.
+
+Users and permissions are read from deploy/rabbitmq/definitions.json and imported with
+rabbitmqctl into a fresh vhost (user names get a random suffix: users are broker-wide).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiormq.exceptions
+import orjson
+import pytest
+import yaml
+
+from contracts.topology import (
+    COMMAND_QUEUE,
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    EXCHANGES,
+)
+from tests.conftest import make_settings
+from tests.support import BROKER, ROOT, delete_vhost, rabbitmqctl
+from worker.app import Worker
+from worker.metrics import NotifierMetrics, WorkerMetrics
+from worker.settings import Keys, Settings
+
+DEPLOY = ROOT / "deploy"
+IMAGE = "otp-service:0.1.0"
+DEFINITIONS = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+Refused = aiormq.exceptions.ChannelAccessRefused
+
+
+@pytest.fixture(scope="module")
+def broker_users() -> Iterator[dict[str, str]]:
+    """role (``producer`` …) → AMQP URL of that role's user in a fresh vhost.
+
+    Module-scoped and in parallel: each rabbitmqctl call boots an Erlang VM (~1 s)."""
+    suffix = uuid.uuid4().hex[:8]
+    vhost = f"otp-deploy-{suffix}"
+    rabbitmqctl("add_vhost", vhost)
+    names = {p["user"]: f"{p['user']}-{suffix}" for p in DEFINITIONS["permissions"]}
+    passwords = {user: secrets.token_urlsafe(16) for user in names}
+
+    def add(permission: dict[str, str]) -> None:
+        user = permission["user"]
+        rabbitmqctl("add_user", names[user], passwords[user])
+        rabbitmqctl(
+            "set_permissions", "-p", vhost, names[user],
+            permission["configure"], permission["write"], permission["read"],
+        )  # fmt: skip
+
+    try:
+        with ThreadPoolExecutor(len(names)) as pool:
+            list(pool.map(add, DEFINITIONS["permissions"]))
+        yield {
+            user.removeprefix("otp-"): BROKER.replace(
+                "guest:guest@", f"{names[user]}:{passwords[user]}@"
+            )
+            + f"/{vhost}"
+            for user in names
+        }
+    finally:
+        with ThreadPoolExecutor(len(names)) as pool:
+            list(pool.map(lambda n: delete_user(n), names.values()))
+        delete_vhost(vhost)
+
+
+def delete_user(name: str) -> None:
+    subprocess.run(
+        ["rabbitmqctl", "-q", "delete_user", name], check=False, capture_output=True, timeout=60
+    )
+
+
+@pytest.fixture
+async def worker_as_worker_user(
+    broker_users: dict[str, str], database_url: str, tmp_path: Path
+) -> AsyncIterator[Worker]:
+    """The worker declares its whole topology with nothing but the worker user's rights."""
+    settings = make_settings(
+        broker_users["worker"], database_url, tmp_path, reveal_clients="test-app"
+    )
+    worker = Worker(settings, Keys(settings))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+async def call(channel: aio_pika.abc.AbstractChannel, key: str, body: dict[str, Any]) -> Any:
+    """Request/reply over direct reply-to, publishing to the exchange without declaring it."""
+    replies: aio_pika.abc.AbstractQueue = await channel.get_queue(
+        "amq.rabbitmq.reply-to", ensure=False
+    )
+    async with replies.iterator(no_ack=True) as incoming:
+        exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(body),
+                content_type="application/json",
+                reply_to="amq.rabbitmq.reply-to",
+                correlation_id="c1",
+            ),
+            routing_key=key,
+        )
+        async for message in incoming:
+            return orjson.loads(message.body)
+
+
+async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A consumer callback for consumes that must never be allowed."""
+
+
+async def refused(connection: aio_pika.abc.AbstractConnection, action: Any) -> bool:
+    channel = await connection.channel()
+    try:
+        await action(channel)
+    except Refused:
+        return True
+    return False
+
+
+async def test_producer_may_only_command_and_read_its_replies(
+    broker_users: dict[str, str], worker_as_worker_user: Worker
+) -> None:
+    connection = await aio_pika.connect(broker_users["producer"])
+    try:
+        channel = await connection.channel()
+        issued = await call(
+            channel,
+            "code.issue",
+            {"command_id": "d1", "user": "u", "client": "test-app", "channel": "none"}
+            | {"reveal": True},
+        )
+        assert issued["status"] == "issued"
+        # An exclusive server-named reply queue works too.
+        own = await channel.declare_queue("", exclusive=True)
+        assert own.name.startswith("amq.gen-")
+        confirmed = await call(
+            channel, "code.confirm", {"command_id": "d2", "user": "u", "client": "test-app"}
+            | {"code": issued["code"]},
+        )  # fmt: skip
+        assert confirmed["status"] == "confirmed"
+
+        async def bind_to_events(ch: aio_pika.abc.AbstractChannel) -> None:
+            queue = await ch.declare_queue("", exclusive=True)
+            await queue.bind(EVENTS_EXCHANGE, "#")
+
+        async def consume(name: str) -> Any:
+            async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+                queue = await ch.get_queue(name, ensure=False)
+                await queue.consume(ignore)
+
+            return action
+
+        async def publish_event(ch: aio_pika.abc.AbstractChannel) -> None:
+            exchange = await ch.get_exchange(EVENTS_EXCHANGE, ensure=False)
+            await exchange.publish(aio_pika.Message(b"{}"), routing_key="code.issued")
+
+        async def declare_named(ch: aio_pika.abc.AbstractChannel) -> None:
+            await ch.declare_queue("producer-owned", auto_delete=True)
+
+        assert await refused(connection, bind_to_events)
+        assert await refused(connection, await consume(COMMAND_QUEUE))
+        assert await refused(connection, await consume(DEAD_LETTER_QUEUE))
+        assert await refused(connection, publish_event)
+        assert await refused(connection, declare_named)
+    finally:
+        await connection.close()
+
+
+async def test_subscriber_may_bind_its_own_queue_to_events_only(
+    broker_users: dict[str, str], worker_as_worker_user: Worker
+) -> None:
+    connection = await aio_pika.connect(broker_users["subscriber"])
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(EVENTS_EXCHANGE, "code.#")
+
+        async def bind_to_commands(ch: aio_pika.abc.AbstractChannel) -> None:
+            q = await ch.declare_queue("", exclusive=True)
+            await q.bind(COMMANDS_EXCHANGE, "code.issue")
+
+        assert await refused(connection, bind_to_commands)
+    finally:
+        await connection.close()
+
+
+def test_definitions_declare_the_code_topology() -> None:
+    declared = {(e["name"], e["type"], e["durable"]) for e in DEFINITIONS["exchanges"]}
+    assert declared == {(e.name, e.type, e.durable) for e in EXCHANGES}
+    users = {u["name"] for u in DEFINITIONS["users"]}
+    assert {"otp-producer", "otp-worker", "otp-notifier", "otp-subscriber"} <= users
+    assert {p["user"] for p in DEFINITIONS["permissions"]} <= users
+
+
+def otp_env_names(env: dict[str, Any] | list[dict[str, Any]]) -> set[str]:
+    names = set(env) if isinstance(env, dict) else {e["name"] for e in env}
+    return {n for n in names if n.startswith("OTP_")}
+
+
+def assert_settings(names: set[str]) -> None:
+    assert names
+    unknown = {n for n in names if n.removeprefix("OTP_").lower() not in Settings.model_fields}
+    assert not unknown, f"not Settings fields: {unknown}"
+
+
+def test_compose_matches_the_code() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["worker"]["command"] == ["python", "-m", "worker"]
+    assert services["notifier"]["command"] == ["python", "-m", "worker.notifier"]
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert {"rabbitmq", "postgres", "mailpit"} <= set(services)
+    for name in ("worker", "notifier"):
+        service = services[name]
+        assert service["image"] == IMAGE
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert_settings(otp_env_names(service["environment"]))
+        assert service["environment"]["OTP_DATABASE_URL"].startswith("postgresql://")
+        assert ":9100/readyz" in " ".join(service["healthcheck"]["test"])
+        user = re.match(r"amqp://([^:]+):", service["environment"]["OTP_AMQP_URL"])
+        assert user is not None and user.group(1) == f"otp-{name}"
+    volumes = " ".join(services["rabbitmq"]["volumes"])
+    assert "definitions.json" in volumes
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_kubernetes_manifests_match_the_code() -> None:
+    docs = manifests()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"otp-worker", "otp-notifier"}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert_settings(set(config["data"]))
+    for name, module in (("otp-worker", "worker"), ("otp-notifier", "worker.notifier")):
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == IMAGE
+        assert container["command"] == ["python", "-m", module]
+        assert_settings(otp_env_names(container["env"]))
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        port = container["ports"][0]["containerPort"]
+        assert str(port) == config["data"]["OTP_METRICS_PORT"]
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "otp-worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"]["queueName"] == COMMAND_QUEUE
+    assert trigger["metadata"]["vhostName"] == DEFINITIONS["vhosts"][0]["name"]
+
+
+def test_dockerfile_builds_one_non_root_image() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "FROM python:3.11-slim"
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0] not in {"0", "root"}
+    assert lines[-1] == 'CMD ["python", "-m", "worker"]'
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    exported: set[str] = set()
+    for registry in (WorkerMetrics().registry, NotifierMetrics().registry):
+        for family in registry.collect():
+            suffixes = {
+                "counter": ("_total",),
+                "histogram": ("_bucket", "_count", "_sum"),
+                "gauge": ("",),
+            }[family.type]
+            exported |= {family.name + s for s in suffixes}
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\botp_[a-z_]+", expr)}
+    assert used
+    assert used <= exported, used - exported

@@ -1,0 +1,116 @@
+"""Metrics and health endpoints of a real worker, after real traffic, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import WorkerFactory
+from tests.support import producer
+from worker.app import Worker
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+async def scrape_until(port: int, done: Callable[[Samples], bool]) -> Samples:
+    """The reply reaches the test a moment before the worker records it: wait for that."""
+    async with asyncio.timeout(15):
+        while not done(samples := await scrape(port)):
+            await asyncio.sleep(0.05)
+    return samples
+
+
+async def get(port: int, path: str) -> int:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{port}{path}")).status_code
+
+
+def count(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def start(start_worker: WorkerFactory, **overrides: object) -> tuple[Worker, int]:
+    worker = await start_worker(
+        metrics_port=0, metrics_host="127.0.0.1", reveal_clients="test-app", **overrides
+    )
+    assert worker.metrics_port is not None
+    return worker, worker.metrics_port
+
+
+async def test_commands_are_counted_by_type_and_status(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    _, port = await start(start_worker)
+    async with producer(amqp_url) as otp:
+        issued = await otp.issue(user="m", reveal=True)
+        await otp.issue(user="m2")
+        wrong = "000000" if issued["code"] != "000000" else "111111"
+        assert (await otp.confirm(user="m", code=wrong))["status"] == "invalid"
+        assert (await otp.confirm(user="m", code=issued["code"]))["status"] == "confirmed"
+        assert (await otp.call("code.issue", b"{"))["status"] == "rejected"
+
+    def recorded(s: Samples) -> bool:
+        return count(s, "otp_command_duration_seconds_count", command="issue") == 3
+
+    samples = await scrape_until(port, recorded)
+    total = "otp_commands_total"
+    assert count(samples, total, command="issue", status="issued") == 2
+    assert count(samples, total, command="issue", status="rejected") == 1
+    assert count(samples, total, command="confirm", status="invalid") == 1
+    assert count(samples, total, command="confirm", status="confirmed") == 1
+    assert count(samples, "otp_command_duration_seconds_count", command="confirm") == 2
+    assert count(samples, "otp_consuming") == 1
+    assert count(samples, "otp_command_queue_consumers") == 1
+    relayed = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 0)
+    assert count(relayed, "otp_outbox_oldest_age_seconds") == 0
+
+
+async def test_outbox_backlog_shows_unrelayed_events(
+    amqp_url: str, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committed rows are neither handed to the relay nor claimable (long lease): they wait."""
+    worker, port = await start(start_worker, outbox_lease_seconds=3600)
+    assert worker.relay is not None
+    monkeypatch.setattr(worker.relay, "submit", lambda rows: None)
+    async with producer(amqp_url) as otp:
+        await otp.issue(user="b1")
+        await otp.issue(user="b2")
+    samples = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 2)
+    assert count(samples, "otp_outbox_oldest_age_seconds") > 0
+
+
+async def test_ready_until_the_consumer_is_cancelled(start_worker: WorkerFactory) -> None:
+    worker, port = await start(start_worker, consumer_check_seconds=3600)
+    assert await get(port, "/readyz") == 200
+    assert await get(port, "/healthz") == 200
+    assert await get(port, "/nope") == 404
+    assert worker._queue is not None and worker._tag is not None
+    await worker._queue.cancel(worker._tag)
+    assert await get(port, "/readyz") == 503
+    assert await get(port, "/healthz") == 200
+    assert count(await scrape(port), "otp_consuming") == 0
+
+
+async def test_not_ready_once_the_store_is_closed(start_worker: WorkerFactory) -> None:
+    worker, port = await start(start_worker)
+    assert await get(port, "/readyz") == 200
+    assert worker.store is not None
+    await worker.store.close()
+    assert await get(port, "/readyz") == 503
+    assert await get(port, "/healthz") == 200

@@ -1,0 +1,101 @@
+"""Three worker processes race on one code: attempts are counted exactly, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from contracts.topology import COMMAND_QUEUE
+from tests.support import producer, start_process, worker_env
+
+WORKERS = 3
+
+
+Processes = list[subprocess.Popen[bytes]]
+
+
+async def wait_for_consumers(url: str, count: int, processes: Processes) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                assert all(p.poll() is None for p in processes), "a worker exited at start"
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+                    if queue.declaration_result.consumer_count >= count:
+                        return
+                except aio_pika.exceptions.ChannelClosed:
+                    pass  # not declared yet
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+                await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def workers(amqp_url: str, database_url: str, tmp_path: Path) -> AsyncIterator[Processes]:
+    """Small prefetch and batches, so every process gets a share of a burst."""
+    env = worker_env(
+        amqp_url,
+        database_url,
+        tmp_path / "var",
+        OTP_PREFETCH="2",
+        OTP_BATCH_SIZE="2",
+        OTP_REVEAL_CLIENTS="test-app",
+    )
+    processes = [start_process("worker", env, tmp_path / f"worker-{n}.log") for n in range(WORKERS)]
+    try:
+        await wait_for_consumers(amqp_url, WORKERS, processes)
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = [await asyncio.to_thread(p.wait, 60) for p in processes]
+        assert codes == [0] * WORKERS, "\n".join(
+            (tmp_path / f"worker-{n}.log").read_text()[-3000:] for n in range(WORKERS)
+        )
+
+
+async def test_concurrent_confirmations_are_counted_exactly(
+    amqp_url: str, workers: Processes
+) -> None:
+    async with producer(amqp_url) as otp, asyncio.timeout(60):
+        wrong = await otp.issue(user="race-wrong", reveal=True)
+        right = await otp.issue(user="race-right", reveal=True)
+        bad_code = "0" * 6 if wrong["code"] != "0" * 6 else "1" * 6
+        wrong_replies = await asyncio.gather(
+            *[
+                await otp.send(
+                    "code.confirm",
+                    {"command_id": f"w{n}", "user": "race-wrong", "client": "test-app"}
+                    | {"code": bad_code},
+                )
+                for n in range(40)
+            ]
+        )
+        right_replies = await asyncio.gather(
+            *[
+                await otp.send(
+                    "code.confirm",
+                    {"command_id": f"r{n}", "user": "race-right", "client": "test-app"}
+                    | {"code": right["code"]},
+                )
+                for n in range(20)
+            ]
+        )
+    invalid = [r["attempts_left"] for r in wrong_replies if r["status"] == "invalid"]
+    assert sorted(invalid, reverse=True) == [4, 3, 2, 1]
+    assert Counter(r["status"] for r in wrong_replies) == {"invalid": 4, "locked": 36}
+    assert Counter(r["status"] for r in right_replies)["confirmed"] == 1
+    assert all(r["status"] in {"confirmed", "not_found"} for r in right_replies)

@@ -1,0 +1,191 @@
+"""The Store protocol itself, against every backend: what the worker relies on, directly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
+from worker.store import Store, open_store
+from worker.store.base import OutboxEvent, Send, Writes
+from worker.store.keys import scope_key
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = 10.0
+SCOPE = Scope("alice", "app", "login")
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(database_url, outbox_lease_seconds=LEASE)
+    yield opened
+    await opened.close()
+
+
+def code(attempts: int = 0, scope: Scope = SCOPE, expires: datetime | None = None) -> CodeRecord:
+    return CodeRecord(
+        code_id="c-1",
+        scope=scope,
+        key_id="k1",
+        digest=b"\x00\x01digest",
+        sealed="sealed-token",
+        issued_at=NOW,
+        expires_at=expires or NOW + timedelta(minutes=5),
+        attempts=attempts,
+        state=CodeState.ACTIVE,
+    )
+
+
+def event(n: int) -> OutboxEvent:
+    return OutboxEvent(f"e-{n}", "code.issued", b'{"n": %d}' % n, "code.issued")
+
+
+async def write(store: Store, writes: Writes, now: datetime = NOW) -> list[int]:
+    async with store.transaction() as tx:
+        rows = await tx.write(writes, now)
+    return [row.id for row in rows]
+
+
+async def test_write_then_load_round_trip(store: Store) -> None:
+    writes = Writes(
+        codes={SCOPE: code(attempts=2)},
+        replies={("issue", "cmd-1"): b'{"status": "issued"}'},
+        sends=[Send(scope_key(SCOPE), "dest-1", NOW - timedelta(minutes=1))],
+        streaks={"alice": FailureStreak(3, NOW)},
+        events=[event(1), event(2)],
+    )
+    ids = await write(store, writes)
+    assert len(ids) == 2
+    assert ids[0] < ids[1]
+    async with store.transaction() as tx:
+        await tx.lock(["scope:x", "user:alice"])
+        assert await tx.load_codes([SCOPE, Scope("bob", "app", "login")]) == {
+            SCOPE: code(attempts=2)
+        }
+        assert await tx.load_replies([("issue", "cmd-1"), ("confirm", "cmd-1")]) == {
+            ("issue", "cmd-1"): b'{"status": "issued"}'
+        }
+        sends = await tx.load_sends([scope_key(SCOPE)], ["dest-1"], NOW - timedelta(hours=1))
+        assert sends.by_scope == {scope_key(SCOPE): [NOW - timedelta(minutes=1)]}
+        assert sends.by_destination == {"dest-1": [NOW - timedelta(minutes=1)]}
+        assert await tx.load_sends([scope_key(SCOPE)], [], NOW) == type(sends)({}, {})
+        assert await tx.load_streaks(["alice", "bob"]) == {"alice": FailureStreak(3, NOW)}
+        await tx.write(Writes(streaks={"alice": None}, codes={SCOPE: code(attempts=3)}), NOW)
+    async with store.transaction() as tx:
+        assert await tx.load_streaks(["alice"]) == {}
+        assert (await tx.load_codes([SCOPE]))[SCOPE].attempts == 3
+    assert await store.outbox_backlog() == 2
+    assert await store.outbox_oldest() == NOW
+
+
+async def test_a_reply_is_stored_once(store: Store) -> None:
+    await write(store, Writes(replies={("confirm", "c"): b"first"}))
+    await write(store, Writes(replies={("confirm", "c"): b"second", ("issue", "c"): b"other"}))
+    async with store.transaction() as tx:
+        found = await tx.load_replies([("confirm", "c"), ("issue", "c")])
+    assert found == {("confirm", "c"): b"first", ("issue", "c"): b"other"}
+
+
+async def test_a_failed_transaction_leaves_nothing(store: Store) -> None:
+    async def fail() -> None:
+        async with store.transaction() as tx:
+            await tx.write(Writes(codes={SCOPE: code()}, events=[event(1)]), NOW)
+            raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError):
+        await fail()
+    async with store.transaction() as tx:
+        assert await tx.load_codes([SCOPE]) == {}
+    assert await store.outbox_backlog() == 0
+    assert await store.outbox_oldest() is None
+
+
+async def test_claim_outbox_honours_leases(store: Store) -> None:
+    ids = await write(store, Writes(events=[event(n) for n in range(5)]))
+    assert await store.claim_outbox(NOW, LEASE, 100) == []
+    expired = NOW + timedelta(seconds=LEASE + 1)
+    claimed = await store.claim_outbox(expired, 30, 3)
+    assert [row.id for row in claimed] == ids[:3]
+    assert claimed[0].event == event(0)
+    rest = await store.claim_outbox(expired, 30, 100)
+    assert [row.id for row in rest] == ids[3:]
+    assert await store.claim_outbox(expired, 30, 100) == []
+    everything = await store.claim_outbox(expired, 30, 100, ignore_leases=True)
+    assert [row.id for row in everything] == ids
+    after = await store.claim_outbox(expired, 30, 2, ignore_leases=True, after_id=ids[1])
+    assert [row.id for row in after] == ids[2:4]
+
+
+async def test_delete_outbox(store: Store) -> None:
+    ids = await write(store, Writes(events=[event(n) for n in range(3)]))
+    await store.delete_outbox(ids[:2])
+    await store.delete_outbox([])
+    assert await store.outbox_backlog() == 1
+    remaining = await store.claim_outbox(NOW, 1, 10, ignore_leases=True)
+    assert [row.id for row in remaining] == ids[2:]
+
+
+async def test_sweep_deletes_old_rows_in_limited_batches(store: Store) -> None:
+    old = NOW - timedelta(hours=2)
+    await write(
+        store,
+        Writes(
+            codes={
+                Scope(f"u{n}", "app", "login"): code(scope=Scope(f"u{n}", "app", "login"))
+                for n in range(3)
+            }
+            | {SCOPE: code(expires=NOW + timedelta(hours=1))},
+            sends=[Send(f"s{n}", None, old) for n in range(5)] + [Send("s", None, NOW)],
+            streaks={"old": FailureStreak(1, old), "new": FailureStreak(1, NOW)},
+        ),
+    )
+    await write(store, Writes(replies={("issue", f"r{n}"): b"r" for n in range(3)}), now=old)
+    later = NOW + timedelta(minutes=30)
+    sweep = [await store.sweep(later, 60, 3600, 3600, limit=2) for _ in range(4)]
+    assert [s.codes for s in sweep] == [2, 1, 0, 0]
+    assert [s.replies for s in sweep] == [2, 1, 0, 0]
+    assert [s.sends for s in sweep] == [2, 2, 1, 0]
+    assert [s.streaks for s in sweep] == [1, 0, 0, 0]
+    async with store.transaction() as tx:
+        assert list(await tx.load_codes([SCOPE])) == [SCOPE]
+        assert list(await tx.load_streaks(["old", "new"])) == ["new"]
+
+
+async def test_stores_opening_together_migrate_once(database_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(database_url) for _ in range(3)))
+    try:
+        await asyncio.gather(*(s.ping() for s in stores))
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_locked_transactions_of_two_stores_serialise(store: Store, database_url: str) -> None:
+    """Read-modify-write of one code from two stores (two processes' worth): no lost update."""
+    other = await open_store(database_url, outbox_lease_seconds=LEASE)
+    await write(store, Writes(codes={SCOPE: code()}))
+
+    async def increment(s: Store) -> None:
+        async with s.transaction() as tx:
+            await tx.lock([f"scope:{scope_key(SCOPE)}", "user:alice"])
+            current = (await tx.load_codes([SCOPE]))[SCOPE]
+            await asyncio.sleep(0)  # let the other store's transaction run into the lock
+            await tx.write(Writes(codes={SCOPE: code(attempts=current.attempts + 1)}), NOW)
+
+    try:
+        await asyncio.gather(*(increment(s) for _ in range(10) for s in (store, other)))
+    finally:
+        await other.close()
+    async with store.transaction() as tx:
+        assert (await tx.load_codes([SCOPE]))[SCOPE].attempts == 20
+
+
+async def test_ping_fails_after_close(database_url: str) -> None:
+    opened = await open_store(database_url)
+    await opened.ping()
+    await opened.close()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each backend raises its own kind
+        await opened.ping()
