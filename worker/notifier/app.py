@@ -87,6 +87,8 @@ class Notifier:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.handled = 0
+        self._progress = asyncio.Event()
 
     @property
     def retry_queue_names(self) -> list[str]:
@@ -155,8 +157,20 @@ class Notifier:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self.handled += 1
+        self._progress.set()
         if not self._tasks:
             self._idle.set()
+
+    async def wait_handled(self, count: int, timeout: float = 20) -> None:
+        """Until ``count`` messages were settled in total: lets tests wait without sleeping."""
+
+        async def _wait() -> None:
+            while self.handled < count:
+                self._progress.clear()
+                await self._progress.wait()
+
+        await asyncio.wait_for(_wait(), timeout)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
