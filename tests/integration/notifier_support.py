@@ -66,6 +66,8 @@ class SmtpServer:
         self.mails: list[Mail] = []
         self.answers: list[str] = []
         self.hold_after: int | None = None
+        self.held = 0
+        self._accept_held = False
         self.changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._gate = asyncio.Event()
@@ -80,9 +82,10 @@ class SmtpServer:
         self.release()
         self._controller.stop()
 
-    def release(self) -> None:
-        """Held DATA commands answer 451 (their client is gone, or will retry)."""
+    def release(self, *, accept: bool = False) -> None:
+        """Held DATA commands answer 451 (their client is gone, or will retry), or accept."""
         self.hold_after = None
+        self._accept_held = accept
         self._controller.loop.call_soon_threadsafe(self._gate.set)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -91,8 +94,11 @@ class SmtpServer:
                 return self.answers.pop(0)
             held = self.hold_after is not None and len(self.mails) >= self.hold_after
         if held:
+            self.held += 1
+            self._loop.call_soon_threadsafe(self.changed.set)
             await self._gate.wait()
-            return "451 4.3.0 try again later"
+            if not self._accept_held:
+                return "451 4.3.0 try again later"
         message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         with self._lock:

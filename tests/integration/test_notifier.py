@@ -346,3 +346,21 @@ async def test_sigkill_mid_batch_then_restart_delivers_every_code(
     assert "notifier consuming" in log_text
     for code in expected.values():
         assert not re.search(rf"\b{code}\b", log_text), "a plaintext code reached the log"
+
+
+async def test_stop_finishes_the_delivery_in_flight(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    notifier = await start_notifier()
+    smtp.hold_after = 0
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("864200"))
+        await smtp.wait_for(lambda: smtp.held == 1)
+        stopping = asyncio.create_task(notifier.stop())
+        await asyncio.wait_for(notifier.draining.wait(), 10)  # consumer cancelled, mail held
+        assert not stopping.done()
+        smtp.release(accept=True)
+        await stopping
+        await events.wait_for(lambda e: e.named("code.delivered"))
+    assert len(smtp.mails) == 1
+    assert "864200" in smtp.mails[0].text

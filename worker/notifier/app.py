@@ -87,6 +87,8 @@ class Notifier:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.draining = asyncio.Event()
         self.handled = 0
         self._progress = asyncio.Event()
 
@@ -263,23 +265,31 @@ class Notifier:
             await asyncio.sleep(s.sweep_interval_seconds)
 
     async def stop(self) -> None:
-        """Stop consuming, let in-flight deliveries finish (and settle), then close."""
+        """Stop consuming, let in-flight deliveries finish (and settle), then close; idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(self._tag, timeout=5)
+        self.draining.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE_SECONDS)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self.connection is not None:
+                await sweeper
+        connection, self.connection = self.connection, None
+        if connection is not None:
             with contextlib.suppress(Exception):
-                await self.connection.close()
-        if self._http is not None:
-            await self._http.close()
-        if self.store is not None:
-            await self.store.close()
+                await connection.close()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
         log.info("notifier stopped")
 
 
