@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     sms_gateway_url: str | None = None
     templates_dir: Path | None = None
+    smtp_timeout_seconds: float = Field(15.0, gt=0)
+    sms_timeout_seconds: float = Field(10.0, gt=0)
+
+    notifier_prefetch: int = Field(32, ge=1, le=1000)
+    notifier_max_attempts: int = Field(5, ge=1, le=20)
+    notifier_backoff_base_seconds: float = Field(1.0, gt=0, le=3600)
+    notifier_dedup_retention_seconds: int = Field(7 * 86400, ge=60)
+    notifier_console: bool | None = None
 
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

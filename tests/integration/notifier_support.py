@@ -1,0 +1,190 @@
+"""Real servers for the notifier's tests: a scriptable SMTP server and a tiny HTTP gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import aio_pika
+import orjson
+from aiosmtpd.controller import Controller
+
+from contracts.topology import EVENTS_EXCHANGE
+from tests.support import TEST_DELIVERY_KEY
+from worker.amqp import json_message
+from worker.domain.sealing import Sealer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_until(predicate: Callable[[], bool], changed: asyncio.Event, timeout: float) -> None:
+    async def _wait() -> None:
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+    await asyncio.wait_for(_wait(), timeout)
+
+
+@dataclass
+class Mail:
+    to: list[str]
+    message: EmailMessage
+
+    @property
+    def text(self) -> str:
+        part = self.message.get_body(preferencelist=("plain",))
+        assert part is not None
+        return str(part.get_content())  # type: ignore[attr-defined]
+
+    @property
+    def html(self) -> str:
+        part = self.message.get_body(preferencelist=("html",))
+        assert part is not None
+        return str(part.get_content())  # type: ignore[attr-defined]
+
+
+class SmtpServer:
+    """aiosmtpd in its own thread. ``answers`` are replies to DATA to give first (e.g. 451);
+    ``hold_after`` makes every DATA beyond that many mails wait until ``release()``."""
+
+    def __init__(self) -> None:
+        self.mails: list[Mail] = []
+        self.answers: list[str] = []
+        self.hold_after: int | None = None
+        self.held = 0
+        self._accept_held = False
+        self.changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._gate = asyncio.Event()
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self.release()
+        self._controller.stop()
+
+    def release(self, *, accept: bool = False) -> None:
+        """Held DATA commands answer 451 (their client is gone, or will retry), or accept."""
+        self.hold_after = None
+        self._accept_held = accept
+        self._controller.loop.call_soon_threadsafe(self._gate.set)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self._lock:
+            if self.answers:
+                return self.answers.pop(0)
+            held = self.hold_after is not None and len(self.mails) >= self.hold_after
+        if held:
+            self.held += 1
+            self._loop.call_soon_threadsafe(self.changed.set)
+            await self._gate.wait()
+            if not self._accept_held:
+                return "451 4.3.0 try again later"
+        message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        with self._lock:
+            self.mails.append(Mail(list(envelope.rcpt_tos), message))
+        self._loop.call_soon_threadsafe(self.changed.set)
+        return "250 OK"
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        await wait_until(predicate, self.changed, timeout)
+
+
+@dataclass
+class Gateway:
+    """An HTTP endpoint that records JSON POSTs; ``statuses`` are answers to give first."""
+
+    statuses: list[int] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/sms"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        body = await reader.readexactly(length)
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            self.requests.append(orjson.loads(body))
+            self.changed.set()
+        writer.write(
+            f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+
+def crafted_event(code: str, **overrides: Any) -> dict[str, Any]:
+    """A ``code.issued`` body as the worker would publish it, sealed under the test key."""
+    now = datetime.now(UTC)
+    body: dict[str, Any] = {
+        "event": "code.issued",
+        "event_id": str(uuid.uuid4()),
+        "occurred_at": now.isoformat(),
+        "code_id": str(uuid.uuid4()),
+        "user": "carol",
+        "client": "test-app",
+        "purpose": "login",
+        "channel": "email",
+        "destination": "carol@example.org",
+        "locale": "en",
+        "context": {},
+        "expires_at": (now + timedelta(minutes=5)).isoformat(),
+        "resent": False,
+        "sealed_code": Sealer(TEST_DELIVERY_KEY.encode()).seal(code),
+    }
+    body.update(overrides)
+    return body
+
+
+async def publish_event(url: str, *bodies: dict[str, Any]) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        for body in bodies:
+            await exchange.publish(
+                json_message(orjson.dumps(body), type=body["event"], message_id=body["event_id"]),
+                routing_key=body["event"],
+                timeout=10,
+            )
+    finally:
+        await connection.close()

@@ -1,0 +1,366 @@
+"""The notifier against real servers: RabbitMQ, SQLite, an aiosmtpd server, an HTTP gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import WorkerFactory, make_settings
+from tests.integration.notifier_support import (
+    Gateway,
+    SmtpServer,
+    crafted_event,
+    publish_event,
+)
+from tests.support import event_log, producer, start_process, worker_env
+from worker.amqp import declare_exchanges, declare_queue
+from worker.notifier.app import Notifier
+from worker.notifier.retry import NOTIFIER_QUEUE_SPEC, retry_queue_specs
+from worker.settings import Keys
+
+BACKOFF = 0.05
+MAX_ATTEMPTS = 4
+NotifierFactory = Callable[..., Awaitable[Notifier]]
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    gw = Gateway()
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+async def _delete_retry_queues(url: str) -> None:
+    """The shared fixtures know only the service's queues; the delay queues go here."""
+    connection = await aio_pika.connect(url)
+    try:
+        for spec in retry_queue_specs(MAX_ATTEMPTS, BACKOFF).values():
+            channel = await connection.channel()
+            await channel.queue_delete(spec.name)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def start_notifier(
+    amqp_url: str, database_url: str, tmp_path: Path, smtp: SmtpServer
+) -> AsyncIterator[NotifierFactory]:
+    started: list[Notifier] = []
+
+    async def factory(**overrides: Any) -> Notifier:
+        values: dict[str, Any] = {
+            "smtp_host": "127.0.0.1",
+            "smtp_port": smtp.port,
+            "notifier_backoff_base_seconds": BACKOFF,
+            "notifier_max_attempts": MAX_ATTEMPTS,
+        }
+        values.update(overrides)
+        settings = make_settings(amqp_url, database_url, tmp_path, **values)
+        notifier = Notifier(settings, Keys(settings, need_secret=False))
+        await notifier.start()
+        started.append(notifier)
+        return notifier
+
+    yield factory
+    for notifier in started:
+        await notifier.stop()
+    await _delete_retry_queues(amqp_url)
+
+
+def assert_no_code_logged(logs: list[dict[str, Any]], codes: list[str]) -> None:
+    assert logs, "the notifier logged nothing: the check would be empty"
+    text = repr(logs)
+    for code in codes:
+        assert not re.search(rf"\b{code}\b", text), "a plaintext code reached a log line"
+
+
+async def test_english_and_german_mail_carry_the_code(
+    amqp_url: str, start_worker: WorkerFactory, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    await start_notifier()
+    await start_worker(reveal_clients="test-app")
+    with capture_logs() as logs:
+        async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+            en = await otp.issue(
+                user="alice",
+                reveal=True,
+                channel="email",
+                destination="alice@example.org",
+                context={"app_name": "Acme"},
+            )
+            de = await otp.issue(
+                user="bob",
+                reveal=True,
+                channel="email",
+                destination="bob@example.de",
+                locale="de-AT",
+            )
+            await events.wait_for(lambda e: len(e.named("code.delivered")) == 2)
+    by_rcpt = {tuple(m.to): m for m in smtp.mails}
+    assert len(smtp.mails) == 2
+    alice, bob = by_rcpt[("alice@example.org",)], by_rcpt[("bob@example.de",)]
+    assert alice.message["Subject"] == "Your Acme verification code"
+    assert en["code"] in alice.text and en["code"] in alice.html
+    assert bob.message["Subject"] == "Ihr Bestätigungscode für test-app"
+    assert de["code"] in bob.text and "gültig" in bob.text
+    assert alice.message["X-OTP-Code-Id"] == en["code_id"]
+    delivered = events.named("code.delivered")
+    assert {d["code_id"] for d in delivered} == {en["code_id"], de["code_id"]}
+    assert all(d["attempts"] == 1 and d["channel"] == "email" for d in delivered)
+    assert_no_code_logged(logs, [en["code"], de["code"]])
+
+
+async def test_sms_reaches_the_gateway(
+    amqp_url: str,
+    start_worker: WorkerFactory,
+    start_notifier: NotifierFactory,
+    gateway: Gateway,
+) -> None:
+    gateway.statuses = [503, 429]
+    await start_notifier(sms_gateway_url=gateway.url)
+    await start_worker(reveal_clients="test-app")
+    async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+        issued = await otp.issue(
+            user="dave", reveal=True, channel="sms", destination="+4915112345678"
+        )
+        await events.wait_for(lambda e: e.named("code.delivered"))
+    assert len(gateway.requests) == 1
+    request = gateway.requests[0]
+    assert set(request) == {"to", "text", "code_id"}
+    assert request["to"] == "+4915112345678"
+    assert request["code_id"] == issued["code_id"]
+    assert issued["code"] in request["text"]
+    assert events.named("code.delivered")[0]["attempts"] == 3
+
+
+async def test_sms_without_gateway_fails_permanently(
+    amqp_url: str, start_notifier: NotifierFactory
+) -> None:
+    await start_notifier()
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("123456", channel="sms", destination="+49151"))
+        await events.wait_for(lambda e: e.named("code.delivery_failed"))
+    failed = events.named("code.delivery_failed")[0]
+    assert failed["reason"] == "no_sms_gateway_configured"
+    assert failed["attempts"] == 1
+
+
+async def test_transient_smtp_failures_are_retried_from_the_broker(
+    amqp_url: str, start_worker: WorkerFactory, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    smtp.answers = ["451 4.3.0 busy", "451 4.3.0 still busy"]
+    await start_notifier()
+    await start_worker(reveal_clients="test-app")
+    with capture_logs() as logs:
+        async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+            issued = await otp.issue(
+                user="erin", reveal=True, channel="email", destination="erin@example.org"
+            )
+            await events.wait_for(lambda e: e.named("code.delivered"))
+    assert len(smtp.mails) == 1
+    assert issued["code"] in smtp.mails[0].text
+    assert smtp.answers == []
+    delivered = events.named("code.delivered")
+    assert [d["attempts"] for d in delivered] == [3]
+    assert not events.named("code.delivery_failed")
+    assert_no_code_logged(logs, [issued["code"]])
+
+
+async def test_retries_run_out(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    smtp.answers = ["421 4.7.0 go away"] * MAX_ATTEMPTS
+    await start_notifier()
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("123456"))
+        await events.wait_for(lambda e: e.named("code.delivery_failed"))
+    failed = events.named("code.delivery_failed")[0]
+    assert failed["attempts"] == MAX_ATTEMPTS
+    assert failed["reason"].startswith("retries_exhausted")
+    assert smtp.mails == []
+
+
+async def test_permanent_smtp_failure_is_reported(
+    amqp_url: str, start_worker: WorkerFactory, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    smtp.answers = ["550 5.1.1 no such user"]
+    await start_notifier()
+    await start_worker(reveal_clients="test-app")
+    async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+        issued = await otp.issue(
+            user="frank", reveal=True, channel="email", destination="nobody@example.org"
+        )
+        await events.wait_for(lambda e: e.named("code.delivery_failed"))
+    failed = events.named("code.delivery_failed")[0]
+    assert failed["code_id"] == issued["code_id"]
+    assert failed["attempts"] == 1
+    assert "550" in failed["reason"]
+    assert smtp.mails == []
+    assert not events.named("code.delivered")
+
+
+async def test_a_repeated_event_is_delivered_once(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    notifier = await start_notifier()
+    body = crafted_event("246810")
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, body, body)  # both may be in flight at once
+        await notifier.wait_handled(2)
+        await publish_event(amqp_url, body)  # and one after the first was delivered
+        await notifier.wait_handled(3)
+        await events.wait_for(lambda e: e.named("code.delivered"))
+    assert len(smtp.mails) == 1
+    assert "246810" in smtp.mails[0].text
+    delivered = events.named("code.delivered")
+    assert len({d["event_id"] for d in delivered}) == 1, "republished under one event_id"
+
+
+async def test_an_expired_code_is_not_sent(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    notifier = await start_notifier()
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("135790", expires_at=past))
+        await events.wait_for(lambda e: e.named("code.delivery_failed"))
+    await notifier.wait_handled(1)
+    failed = events.named("code.delivery_failed")[0]
+    assert failed["reason"] == "expired"
+    assert failed["attempts"] == 0
+    assert smtp.mails == []
+
+
+async def test_channel_none_is_acknowledged_and_ignored(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    notifier = await start_notifier()
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("111222", channel="none", destination=None))
+        await notifier.wait_handled(1)
+    assert smtp.mails == []
+    assert [b["event"] for b in events.bodies] == ["code.issued"]
+
+
+async def test_dev_console_prints_the_code_and_only_there(
+    amqp_url: str, start_notifier: NotifierFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notifier = await start_notifier(notifier_console=True)
+    with capture_logs() as logs:
+        async with event_log(amqp_url) as events:
+            await publish_event(amqp_url, crafted_event("975310"))
+            await events.wait_for(lambda e: e.named("code.delivered"))
+        await notifier.wait_handled(1)
+    assert "975310" in capsys.readouterr().out
+    assert_no_code_logged(logs, ["975310"])
+
+
+async def test_sigkill_mid_batch_then_restart_delivers_every_code(
+    amqp_url: str,
+    database_url: str,
+    tmp_path: Path,
+    start_worker: WorkerFactory,
+    smtp: SmtpServer,
+) -> None:
+    count, prefetch, hold_after = 200, 32, 60
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    await declare_exchanges(channel)
+    await declare_queue(channel, NOTIFIER_QUEUE_SPEC)  # events queue up before the notifier runs
+    await connection.close()
+
+    await start_worker(reveal_clients="test-app", code_length=8)
+    async with producer(amqp_url) as otp:
+        replies = await asyncio.gather(
+            *(
+                otp.issue(
+                    timeout=60,
+                    user=f"user{i}",
+                    reveal=True,
+                    channel="email",
+                    destination=f"user{i}@example.org",
+                )
+                for i in range(count)
+            )
+        )
+    expected = {f"user{i}@example.org": r["code"] for i, r in enumerate(replies)}
+
+    def delivered() -> set[str]:
+        return {m.to[0] for m in smtp.mails if expected[m.to[0]] in m.text}
+
+    env = worker_env(
+        amqp_url,
+        database_url,
+        tmp_path / "var",
+        OTP_SMTP_HOST="127.0.0.1",
+        OTP_SMTP_PORT=str(smtp.port),
+        OTP_NOTIFIER_PREFETCH=str(prefetch),
+        OTP_NOTIFIER_BACKOFF_BASE_SECONDS=str(BACKOFF),
+        OTP_NOTIFIER_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+    )
+    log_path = tmp_path / "notifier.log"
+    smtp.hold_after = hold_after
+    first = start_process("worker.notifier", env, log_path)
+    try:
+        await smtp.wait_for(lambda: len(smtp.mails) >= hold_after, timeout=40)
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        assert len(delivered()) < count, "the kill came after the batch: nothing was tested"
+    finally:
+        if first.poll() is None:
+            first.kill()
+        smtp.release()
+
+    second = start_process("worker.notifier", env, log_path)
+    try:
+        await smtp.wait_for(lambda: len(delivered()) == count, timeout=50)
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+        await _delete_retry_queues(amqp_url)
+
+    duplicates = len(smtp.mails) - len(delivered())
+    assert 0 <= duplicates <= prefetch
+    log_text = log_path.read_text()
+    assert "notifier consuming" in log_text
+    for code in expected.values():
+        assert not re.search(rf"\b{code}\b", log_text), "a plaintext code reached the log"
+
+
+async def test_stop_finishes_the_delivery_in_flight(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    notifier = await start_notifier()
+    smtp.hold_after = 0
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("864200"))
+        await smtp.wait_for(lambda: smtp.held == 1)
+        stopping = asyncio.create_task(notifier.stop())
+        await asyncio.wait_for(notifier.draining.wait(), 10)  # consumer cancelled, mail held
+        assert not stopping.done()
+        smtp.release(accept=True)
+        await stopping
+        await events.wait_for(lambda e: e.named("code.delivered"))
+    assert len(smtp.mails) == 1
+    assert "864200" in smtp.mails[0].text

@@ -1,0 +1,1 @@
+"""The notification consumer: turns ``code.issued`` events into e-mails and text messages."""

@@ -1,0 +1,33 @@
+"""``python -m worker.notifier``: the notification consumer. SIGTERM finishes in-flight work."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from worker.__main__ import run
+from worker.log import configure, get_logger
+from worker.settings import Keys, load_settings
+
+
+async def _serve() -> None:
+    from worker.notifier.app import Notifier
+
+    settings = load_settings()
+    configure(settings.log_format, settings.log_level)
+    notifier = Notifier(settings, Keys(settings, need_secret=False))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await notifier.start()
+    try:
+        await stop.wait()
+    finally:
+        get_logger("worker.notifier").info("stopping")
+        await notifier.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(run(_serve))

@@ -1,0 +1,144 @@
+"""The ways a message leaves: SMTP, an HTTP SMS gateway, and the dev console.
+
+Each transport sorts its failures into transient (worth a retry later: 4xx on SMTP, refused
+or timed-out connections, HTTP 5xx and 429) and permanent (5xx on SMTP, other HTTP 4xx, no
+gateway configured). The reason strings end up in ``code.delivery_failed`` and in log lines,
+so they name status codes and exception types, never message content.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Protocol, TextIO
+
+import aiosmtplib
+import httpx
+
+from worker.notifier.render import Email, Sms
+
+
+class DeliveryError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientDeliveryError(DeliveryError):
+    """Worth another try after a pause."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Trying again would fail the same way."""
+
+
+class EmailTransport(Protocol):
+    async def send_email(self, to: str, message: Email, code_id: str) -> None: ...
+
+
+class SmsTransport(Protocol):
+    async def send_sms(self, to: str, message: Sms, code_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str
+    port: int
+    sender: str
+    username: str | None
+    password: str | None
+    starttls: bool
+    timeout: float
+
+
+def _smtp_failure(code: int, what: str) -> DeliveryError:
+    reason = f"smtp_{code}_{what}"
+    if 400 <= code < 500:
+        return TransientDeliveryError(reason)
+    return PermanentDeliveryError(reason)
+
+
+class SmtpTransport:
+    """One connection per message: simple, and a broken connection never poisons the next."""
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self._config = config
+
+    async def send_email(self, to: str, message: Email, code_id: str) -> None:
+        c = self._config
+        mail = EmailMessage()
+        mail["From"] = c.sender
+        mail["To"] = to
+        mail["Subject"] = message.subject
+        mail["X-OTP-Code-Id"] = code_id
+        mail.set_content(message.text)
+        mail.add_alternative(message.html, subtype="html")
+        try:
+            await aiosmtplib.send(
+                mail,
+                hostname=c.host,
+                port=c.port,
+                username=c.username,
+                password=c.password,
+                start_tls=c.starttls,
+                use_tls=False,
+                timeout=c.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients] or [550]
+            raise _smtp_failure(min(codes), "recipient_refused") from None
+        except aiosmtplib.SMTPConnectError as exc:
+            raise TransientDeliveryError(f"smtp_connect_failed: {type(exc).__name__}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _smtp_failure(exc.code, type(exc).__name__) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientDeliveryError(f"smtp_unavailable: {type(exc).__name__}") from None
+
+
+class HttpSmsTransport:
+    """POSTs ``{"to", "text", "code_id"}`` as JSON; the gateway answers with an HTTP status."""
+
+    def __init__(self, url: str | None, timeout: float) -> None:
+        self._url = url
+        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+
+    async def send_sms(self, to: str, message: Sms, code_id: str) -> None:
+        if not self._url:
+            raise PermanentDeliveryError("no_sms_gateway_configured")
+        try:
+            response = await self._client.post(
+                self._url, json={"to": to, "text": message.text, "code_id": code_id}
+            )
+        except httpx.TransportError as exc:
+            raise TransientDeliveryError(f"sms_gateway_unavailable: {type(exc).__name__}") from None
+        status = response.status_code
+        if status >= 500 or status == 429:
+            raise TransientDeliveryError(f"sms_gateway_{status}")
+        if status >= 300:
+            raise PermanentDeliveryError(f"sms_gateway_{status}")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class ConsoleTransport:
+    """Dev mode: prints the message, so a newcomer sees the code without a mail server.
+
+    This is the only place a plaintext code may be printed, and it goes to stdout, not the log.
+    """
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self._out = out
+
+    def _print(self, text: str) -> None:
+        out = self._out or sys.stdout
+        out.write(text + "\n")
+        out.flush()
+
+    async def send_email(self, to: str, message: Email, code_id: str) -> None:
+        rule = "-" * 72
+        self._print(f"{rule}\nTo: {to}\nSubject: {message.subject}\n\n{message.text}\n{rule}")
+
+    async def send_sms(self, to: str, message: Sms, code_id: str) -> None:
+        self._print(f"SMS to {to}: {message.text}")
