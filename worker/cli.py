@@ -16,6 +16,7 @@ import logging
 import secrets
 import signal
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +25,9 @@ from aio_pika.exceptions import AMQPError
 from pydantic import BaseModel, ValidationError
 
 from contracts.client import OtpClient, OtpError
+from contracts.commands import ConfirmCode, IssueCode
+from contracts.replies import ConfirmResult, IssueResult
+from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY
 from worker.health import describe
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -189,33 +193,35 @@ def _reply_line(reply: BaseModel) -> str:
 
 
 async def _issue(args: argparse.Namespace) -> int:
+    command = IssueCode(  # validated before any connection: bad input needs no broker
+        command_id=str(uuid.uuid4()),
+        user=args.user,
+        client=args.client,
+        purpose=args.purpose,
+        channel=args.channel,
+        destination=args.destination,
+        ttl_seconds=args.ttl_seconds,
+        locale=args.locale,
+        context=dict(args.context),
+        force_new=args.force_new,
+        reveal=args.reveal,
+    )
     async with OtpClient.connect(_amqp_url(args), timeout=args.timeout) as otp:
-        reply = await otp.issue(
-            user=args.user,
-            client=args.client,
-            purpose=args.purpose,
-            channel=args.channel,
-            destination=args.destination,
-            ttl_seconds=args.ttl_seconds,
-            locale=args.locale,
-            context=dict(args.context),
-            force_new=args.force_new,
-            reveal=args.reveal,
-            retries=args.retries,
-        )
+        reply = await otp.call(ISSUE_ROUTING_KEY, command, IssueResult, retries=args.retries)
     _emit(args, reply.to_wire(), _reply_line(reply))
     return 0 if reply.status == "issued" else 1
 
 
 async def _confirm(args: argparse.Namespace) -> int:
+    command = ConfirmCode(
+        command_id=str(uuid.uuid4()),
+        user=args.user,
+        client=args.client,
+        purpose=args.purpose,
+        code=args.code,
+    )
     async with OtpClient.connect(_amqp_url(args), timeout=args.timeout) as otp:
-        reply = await otp.confirm(
-            user=args.user,
-            client=args.client,
-            purpose=args.purpose,
-            code=args.code,
-            retries=args.retries,
-        )
+        reply = await otp.call(CONFIRM_ROUTING_KEY, command, ConfirmResult, retries=args.retries)
     _emit(args, reply.to_wire(), _reply_line(reply))
     return 0 if reply.status == "confirmed" else 1
 
