@@ -14,7 +14,7 @@ from contracts.asyncapi import build_document
 from contracts.events import EVENT_NAMES
 from contracts.topology import COMMAND_ROUTING_KEYS, COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from tests.support import ROOT
-from worker.cli import render_asyncapi
+from worker.cli_commands import render_asyncapi
 
 COMMITTED = ROOT / "docs" / "asyncapi.yaml"
 SCHEMA = ROOT / "docs" / "schemas" / "asyncapi-3.0.0.json"
