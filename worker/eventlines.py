@@ -11,8 +11,8 @@ from typing import Any
 from contracts._base import format_utc
 from worker.masking import mask_destination
 
-_HIDDEN = {"event", "event_id", "occurred_at", "code_id", "user", "client", "purpose"}
-_HIDDEN |= {"sealed_code"}
+_IN_HEAD = {"event", "event_id", "occurred_at", "code_id", "user", "client", "purpose"}
+_HIDDEN = _IN_HEAD | {"sealed_code"}
 
 
 def event_line(event: Any) -> str:
