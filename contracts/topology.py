@@ -28,6 +28,8 @@ REASON_HEADER = "x-otp-reason"
 ERROR_TYPE_HEADER = "x-otp-error-type"
 ROUTING_KEY_HEADER = "x-otp-routing-key"
 REDACTED_HEADER = "x-otp-redacted"
+# Set by `otp dead-letters replay`: how often a command came back from the dead letters.
+REPLAYS_HEADER = "x-otp-replays"
 
 MAX_BODY_BYTES = 64 * 1024
 COMMAND_DELIVERY_LIMIT = 10

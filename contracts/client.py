@@ -1,0 +1,311 @@
+"""A small async client for producers: commands as RPC over direct reply-to, and events.
+
+It needs only aio-pika and pydantic (the bare ``pip install .``), so a service that issues
+codes does not pull in the worker's database drivers or crypto.
+
+Every call builds its command locally (so a malformed one fails here, with pydantic's
+``ValidationError``, before it reaches the broker), publishes it with publisher confirms,
+and waits for the one reply the contract promises per distinct ``command_id``. A retry
+re-publishes the same ``command_id``: the worker's idempotency table makes that safe, and
+whichever attempt's reply arrives first answers the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+from pydantic import ValidationError
+
+from contracts.commands import Channel, ConfirmCode, IssueCode
+from contracts.events import parse_event
+from contracts.replies import ConfirmResult, IssueResult
+from contracts.topology import (
+    COMMANDS_EXCHANGE,
+    CONFIRM_ROUTING_KEY,
+    EVENTS_EXCHANGE,
+    ISSUE_ROUTING_KEY,
+)
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_DEDUPE_WINDOW = 4096
+
+ReplyT = TypeVar("ReplyT", IssueResult, ConfirmResult)
+
+
+class OtpError(Exception):
+    """Base of everything the client raises on purpose; the message is one readable line."""
+
+
+class OtpTimeout(OtpError):
+    """No reply arrived in time on any attempt (is a worker consuming ``otp.commands``?)."""
+
+    def __init__(self, command_id: str, attempts: int, timeout: float) -> None:
+        super().__init__(
+            f"no reply to command {command_id} after {attempts} attempt(s) of {timeout:g}s each"
+        )
+        self.command_id = command_id
+        self.attempts = attempts
+
+
+class OtpUnroutable(OtpError):
+    """The broker had no queue for the command: no worker has ever declared its queue."""
+
+
+class OtpBadReply(OtpError):
+    """A reply arrived that is not the contract's reply type."""
+
+
+class OtpClient:
+    """One connection, one channel for commands and their replies.
+
+    Direct reply-to requires the consumer on ``amq.rabbitmq.reply-to`` and the publish to
+    share a channel, and the consumer must exist before the first publish.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        channel: AbstractChannel,
+        commands: AbstractExchange,
+        *,
+        timeout: float,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._commands = commands
+        self._timeout = timeout
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[OtpClient]:
+        """``async with OtpClient.connect(url) as otp:`` — closes the connection on exit."""
+        connection = await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": "otp-client"}
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            commands = await _existing_exchange(channel, COMMANDS_EXCHANGE)
+            client = cls(connection, channel, commands, timeout=timeout)
+            replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+            await replies.consume(client._on_reply, no_ack=True)
+            yield client
+        finally:
+            await connection.close()
+
+    async def issue(
+        self,
+        *,
+        user: str,
+        client: str,
+        channel: Channel,
+        destination: str | None = None,
+        purpose: str = "login",
+        ttl_seconds: int | None = None,
+        locale: str = "en",
+        context: Mapping[str, str] | None = None,
+        force_new: bool = False,
+        reveal: bool = False,
+        command_id: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> IssueResult:
+        command = IssueCode(
+            command_id=command_id or str(uuid.uuid4()),
+            user=user,
+            client=client,
+            purpose=purpose,
+            ttl_seconds=ttl_seconds,
+            channel=channel,
+            destination=destination,
+            locale=locale,
+            context=dict(context or {}),
+            force_new=force_new,
+            reveal=reveal,
+        )
+        return await self.call(ISSUE_ROUTING_KEY, command, IssueResult, timeout, retries)
+
+    async def confirm(
+        self,
+        *,
+        user: str,
+        client: str,
+        code: str,
+        purpose: str = "login",
+        command_id: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> ConfirmResult:
+        command = ConfirmCode(
+            command_id=command_id or str(uuid.uuid4()),
+            user=user,
+            client=client,
+            purpose=purpose,
+            code=code,
+        )
+        return await self.call(CONFIRM_ROUTING_KEY, command, ConfirmResult, timeout, retries)
+
+    async def call(
+        self,
+        routing_key: str,
+        command: IssueCode | ConfirmCode,
+        reply_type: type[ReplyT],
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> ReplyT:
+        """Publishes ``command`` up to ``1 + retries`` times, all with one correlation id."""
+        timeout = self._timeout if timeout is None else timeout
+        correlation_id = str(uuid.uuid4())
+        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        body = command.model_dump_json(exclude_none=True).encode()
+        try:
+            for _ in range(retries + 1):
+                await self._publish(routing_key, body, command, correlation_id, timeout)
+                try:
+                    message = await asyncio.wait_for(asyncio.shield(future), timeout)
+                except TimeoutError:
+                    continue
+                return _parse_reply(message, reply_type)
+            raise OtpTimeout(command.command_id, retries + 1, timeout)
+        finally:
+            self._pending.pop(correlation_id, None)
+            future.cancel()
+
+    async def _publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        command: IssueCode | ConfirmCode,
+        correlation_id: str,
+        timeout: float,
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=command.command_id,
+            correlation_id=correlation_id,
+            reply_to=DIRECT_REPLY_TO,
+            type=type(command).__name__,
+        )
+        try:
+            await self._commands.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=timeout
+            )
+        except PublishError as exc:
+            raise OtpUnroutable(
+                f"no queue takes {routing_key!r} on {COMMANDS_EXCHANGE}: has a worker ever run "
+                "against this broker?"
+            ) from exc
+        except TimeoutError:
+            raise OtpTimeout(command.command_id, 1, timeout) from None
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    @asynccontextmanager
+    async def subscribe(
+        self, pattern: str = "#", *, dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+    ) -> AsyncIterator[EventStream]:
+        """Binds a server-named exclusive queue to ``otp.events`` before yielding.
+
+        Events published after this returns are seen; the queue goes with the channel.
+        """
+        channel = await self._connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=256)
+            exchange = await _existing_exchange(channel, EVENTS_EXCHANGE)
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.bind(exchange, pattern)
+            yield EventStream(queue, dedupe_window)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def events(
+        self, pattern: str = "#", *, dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+    ) -> AsyncIterator[Any]:
+        """``async for event in otp.events("code.*")``: parsed, deduplicated events."""
+        async with self.subscribe(pattern, dedupe_window=dedupe_window) as stream:
+            async for event in stream:
+                yield event
+
+
+class EventStream:
+    """Parsed events from one subscription, each ``event_id`` at most once.
+
+    Events are published at least once (the outbox may repeat one after a crash), so the
+    stream remembers the last ``dedupe_window`` ids; unknown event names are skipped.
+    """
+
+    def __init__(self, queue: AbstractQueue, dedupe_window: int) -> None:
+        self._queue = queue
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._window = max(1, dedupe_window)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async with self._queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                try:
+                    event = parse_event(message.body)
+                except ValidationError:
+                    continue
+                if self._remember(event.event_id):
+                    yield event
+
+    def _remember(self, event_id: str) -> bool:
+        if event_id in self._seen:
+            self._seen.move_to_end(event_id)
+            return False
+        self._seen[event_id] = None
+        if len(self._seen) > self._window:
+            self._seen.popitem(last=False)
+        return True
+
+
+async def _existing_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    """The service declares the topology; a producer only checks it is there."""
+    try:
+        return await channel.get_exchange(name, ensure=True)
+    except ChannelNotFoundEntity:
+        raise OtpError(
+            f"exchange {name!r} does not exist: start the worker once to declare the topology"
+        ) from None
+
+
+def _parse_reply(message: AbstractIncomingMessage, reply_type: type[ReplyT]) -> ReplyT:
+    try:
+        return reply_type.model_validate_json(message.body)
+    except ValidationError as exc:
+        raise OtpBadReply(f"reply is not a valid {reply_type.__name__}: {exc}") from None
+
+
+__all__ = [
+    "EventStream",
+    "OtpBadReply",
+    "OtpClient",
+    "OtpError",
+    "OtpTimeout",
+    "OtpUnroutable",
+]

@@ -1,0 +1,237 @@
+"""``otp`` as a subprocess against the real broker and an in-process worker.
+
+The subprocesses run through asyncio so the in-process worker keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from contracts.client import OtpClient
+from tests.conftest import WorkerFactory, make_settings
+from tests.support import ROOT, event_log, producer
+from worker.app import Worker
+from worker.settings import Keys
+
+UNREACHABLE = "amqp://guest:secret@127.0.0.1:1/"
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return self.err.splitlines()
+
+
+def cli_env(amqp_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
+    env.update(OTP_AMQP_URL=amqp_url, PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+async def otp(*args: str, env: dict[str, str], cwd: Path) -> Run:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+async def own_worker(amqp_url: str, database_url: str, tmp_path: Path) -> Worker:
+    """A worker the test stops itself (the fixture stops its own at teardown, and only once)."""
+    settings = make_settings(amqp_url, database_url, tmp_path)
+    worker = Worker(settings, Keys(settings))
+    await worker.start()
+    return worker
+
+
+def assert_one_error_line(run: Run, rc: int, starts: str) -> None:
+    assert run.rc == rc, run
+    assert len(run.err_lines) == 1, run.err
+    assert run.err_lines[0].startswith(starts), run.err
+    assert "Traceback" not in run.err
+
+
+async def test_issue_and_confirm(
+    amqp_url: str, start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    await start_worker(reveal_clients="test-app")
+    env = cli_env(amqp_url)
+    scope = ("--user", "alice", "--client", "test-app")
+    issued = await otp("issue", *scope, "--reveal", "--context", "app_name=Demo", "--json",
+                       env=env, cwd=tmp_path)  # fmt: skip
+    assert issued.rc == 0, issued
+    reply = json.loads(issued.out)
+    assert reply["status"] == "issued"
+    assert reply["code"].isdigit()
+
+    confirmed = await otp("confirm", *scope, "--code", reply["code"], env=env, cwd=tmp_path)
+    assert confirmed.rc == 0, confirmed
+    assert confirmed.out.startswith("confirmed command_id=")
+    assert f"code_id={reply['code_id']}" in confirmed.out
+
+    again = await otp("confirm", *scope, "--code", reply["code"], env=env, cwd=tmp_path)
+    assert again.rc == 1
+    assert again.out.startswith("not_found ")
+
+    by_mail = await otp("issue", "--user", "bob", "--client", "test-app", "--channel", "email",
+                        "--destination", "bob@example.org", env=env, cwd=tmp_path)  # fmt: skip
+    assert by_mail.rc == 0, by_mail
+    assert by_mail.out.startswith("issued ")
+    assert "code=" not in by_mail.out
+
+
+async def test_bad_arguments_are_one_line(amqp_url: str, tmp_path: Path) -> None:
+    env = cli_env(amqp_url)
+    missing = await otp("issue", "--user", "alice", env=env, cwd=tmp_path)
+    assert_one_error_line(missing, 2, "otp: the following arguments are required: --client")
+    invalid = await otp("issue", "--user", "a", "--client", "c", "--channel", "sms",
+                        "--destination", "12345", env=env, cwd=tmp_path)  # fmt: skip
+    assert_one_error_line(invalid, 2, "otp: invalid command: destination")
+    context = await otp("issue", "--user", "a", "--client", "c", "--context", "novalue",
+                        env=env, cwd=tmp_path)  # fmt: skip
+    assert_one_error_line(context, 2, "otp: argument --context")
+
+
+async def test_config_error_is_one_line(tmp_path: Path) -> None:
+    env = cli_env(UNREACHABLE, OTP_MAX_TTL_SECONDS="forever")
+    run = await otp("check", env=env, cwd=tmp_path)
+    assert_one_error_line(run, 2, "otp: configuration error: OTP_MAX_TTL_SECONDS")
+
+
+async def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
+    env = cli_env(UNREACHABLE)
+    run = await otp("issue", "--user", "a", "--client", "c", env=env, cwd=tmp_path)
+    assert_one_error_line(run, 1, "otp: broker unavailable at amqp://guest:***@127.0.0.1:1/")
+    assert "secret" not in run.err
+    listing = await otp("dead-letters", "list", env=env, cwd=tmp_path)
+    assert_one_error_line(listing, 1, "otp: broker unavailable")
+
+
+async def test_events_follow(amqp_url: str, start_worker: WorkerFactory, tmp_path: Path) -> None:
+    await start_worker()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.cli", "events", "--follow", "--pattern", "code.*",
+        env=cli_env(amqp_url), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        ready = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert b"listening on otp.events" in ready
+        async with OtpClient.connect(amqp_url) as client:
+            await client.issue(user="carol", client="c", channel="email",
+                               destination="carol@example.org")  # fmt: skip
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert " code.issued " in line
+        assert "user=carol" in line
+        assert "destination=c***@example.org" in line
+        assert "sealed_code" not in line
+    finally:
+        process.terminate()
+        rc = await asyncio.wait_for(process.wait(), 30)
+    assert rc == 0
+
+
+async def test_dead_letters_list_and_replay(
+    amqp_url: str, database_url: str, start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """A reveal the operator had not allowed yet: allowed now, replayed, issued; none lost."""
+    strict = await own_worker(amqp_url, database_url, tmp_path)
+    env = cli_env(amqp_url)
+    async with producer(amqp_url) as p:
+        refused = await p.issue(user="dave", reveal=True)
+        assert refused["error"]["type"] == "reveal_not_permitted"
+        confirm = await p.confirm(user="dave", code="123456", extra="x")
+        assert confirm["status"] == "rejected"
+    await strict.stop()
+
+    for _ in range(2):  # listing twice shows the same two: listing takes nothing away
+        listing = await otp("dead-letters", "list", "--json", env=env, cwd=tmp_path)
+        assert listing.rc == 0, listing
+        letters = json.loads(listing.out)
+        assert sorted(d["error_type"] for d in letters) == [
+            "reveal_not_permitted",
+            "validation_error",
+        ]
+    assert [d["redacted"] for d in letters if d["routing_key"] == "code.confirm"] == [True]
+    human = await otp("dead-letters", "list", env=env, cwd=tmp_path)
+    assert len(human.out.splitlines()) == 2
+    assert "(code redacted)" in human.out
+
+    await start_worker(reveal_clients="test-app")
+    async with event_log(amqp_url, "code.issued") as events:
+        replay = await otp("dead-letters", "replay", "--all", env=env, cwd=tmp_path)
+        assert replay.rc == 1, replay  # one was skipped, and says why
+        assert replay.out.startswith("replayed ")
+        assert "redacted" in replay.err
+        await events.wait_for(lambda e: e.named("code.issued"))
+        assert events.named("code.issued")[0]["user"] == "dave"
+
+    left = json.loads((await otp("dead-letters", "list", "--json", env=env, cwd=tmp_path)).out)
+    assert [d["routing_key"] for d in left] == ["code.confirm"]
+    missing = await otp("dead-letters", "replay", "--message-id", "nope", env=env, cwd=tmp_path)
+    assert_one_error_line(missing, 1, "otp: no dead letter")
+
+
+async def test_keys(tmp_path: Path) -> None:
+    run = await otp("keys", env=cli_env(UNREACHABLE), cwd=tmp_path)
+    assert run.rc == 0
+    lines = dict(line.split("=", 1) for line in run.out.splitlines())
+    assert set(lines) == {"OTP_SECRET_KEY", "OTP_DELIVERY_KEY"}
+    assert len(lines["OTP_SECRET_KEY"]) >= 32
+    assert len(base64.urlsafe_b64decode(lines["OTP_DELIVERY_KEY"])) == 32
+    second = await otp("keys", env=cli_env(UNREACHABLE), cwd=tmp_path)
+    assert second.out != run.out
+
+
+async def test_asyncapi_prints_the_committed_document(tmp_path: Path) -> None:
+    run = await otp("asyncapi", env=cli_env(UNREACHABLE), cwd=tmp_path)
+    assert run.rc == 0
+    assert run.out == (ROOT / "docs" / "asyncapi.yaml").read_text()
+
+
+@pytest.mark.parametrize("worker_running", [True, False])
+async def test_check(
+    amqp_url: str,
+    database_url: str,
+    start_worker: WorkerFactory,
+    tmp_path: Path,
+    worker_running: bool,
+) -> None:
+    if worker_running:
+        await start_worker()
+    else:
+        await (await own_worker(amqp_url, database_url, tmp_path)).stop()
+    env = cli_env(amqp_url, OTP_DATABASE_URL=database_url)
+    run = await otp("check", env=env, cwd=tmp_path)
+    lines = run.out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "ok   broker reachable",
+        "ok   worker consuming" if worker_running else "FAIL worker consuming",
+        "ok   store reachable",
+        "ok   outbox backlog",
+    ]
+    assert run.rc == (0 if worker_running else 1)
+    as_json = json.loads((await otp("check", "--json", env=env, cwd=tmp_path)).out)
+    assert as_json["ok"] is worker_running

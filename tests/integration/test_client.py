@@ -1,0 +1,181 @@
+"""The producer client against the real broker and an in-process worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+
+from contracts.client import OtpClient, OtpError, OtpTimeout, OtpUnroutable
+from contracts.events import CodeConfirmed, CodeIssued
+from contracts.topology import COMMAND_QUEUE, COMMAND_QUEUE_SPEC, DEAD_LETTERS, EVENTS_EXCHANGE
+from tests.conftest import WorkerFactory
+from tests.support import ROOT
+from worker.amqp import declare_exchanges, declare_queue
+
+
+@asynccontextmanager
+async def channel_on(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(url)
+    try:
+        yield await connection.channel()
+    finally:
+        await connection.close()
+
+
+async def declare_topology(url: str, *, with_queue: bool = True) -> None:
+    """What a worker leaves behind when it is not running: exchanges and, maybe, its queue."""
+    async with channel_on(url) as channel:
+        await declare_exchanges(channel)
+        if with_queue:
+            await declare_queue(channel, DEAD_LETTERS)
+            await declare_queue(channel, COMMAND_QUEUE_SPEC)
+
+
+async def queued_commands(url: str) -> int:
+    async with channel_on(url) as channel:
+        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+async def test_issue_then_confirm(amqp_url: str, start_worker: WorkerFactory) -> None:
+    await start_worker(reveal_clients="test-app")
+    async with OtpClient.connect(amqp_url) as otp:
+        issued = await otp.issue(user="alice", client="test-app", channel="none", reveal=True)
+        assert issued.status == "issued"
+        assert issued.code is not None
+        wrong = await otp.confirm(user="alice", client="test-app", code="not-it")
+        assert (wrong.status, wrong.attempts_left) == ("invalid", 4)
+        confirmed = await otp.confirm(user="alice", client="test-app", code=issued.code)
+        assert confirmed.status == "confirmed"
+        assert confirmed.code_id == issued.code_id
+
+
+async def test_invalid_command_fails_before_the_broker(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    async with OtpClient.connect(amqp_url) as otp:
+        with pytest.raises(ValueError, match=r"E\.164"):
+            await otp.issue(user="alice", client="c", channel="sms", destination="12345")
+
+
+async def test_timeout_when_no_worker_consumes(amqp_url: str) -> None:
+    await declare_topology(amqp_url)
+    async with OtpClient.connect(amqp_url) as otp:
+        with pytest.raises(OtpTimeout, match="2 attempt") as raised:
+            await otp.issue(user="alice", client="c", channel="none", timeout=0.2, retries=1)
+    # The retry re-published the same command: both copies wait for a worker.
+    assert await queued_commands(amqp_url) == 2
+    assert raised.value.attempts == 2
+
+
+async def test_unroutable_when_no_worker_ever_ran(amqp_url: str) -> None:
+    await declare_topology(amqp_url, with_queue=False)
+    async with OtpClient.connect(amqp_url) as otp:
+        with pytest.raises(OtpUnroutable, match=r"code\.issue"):
+            await otp.issue(user="alice", client="c", channel="none", timeout=2)
+
+
+async def test_missing_topology_is_one_clear_error(amqp_url: str) -> None:
+    with pytest.raises(OtpError, match=r"otp\.commands"):
+        async with OtpClient.connect(amqp_url):
+            pass
+
+
+async def test_retried_call_is_idempotent(amqp_url: str, start_worker: WorkerFactory) -> None:
+    await declare_topology(amqp_url)
+    async with OtpClient.connect(amqp_url) as otp, otp.subscribe("code.issued") as stream:
+        command_id = str(uuid.uuid4())
+        call = asyncio.create_task(
+            otp.issue(
+                user="alice",
+                client="c",
+                channel="none",
+                command_id=command_id,
+                timeout=0.3,
+                retries=200,
+            )
+        )
+        while await queued_commands(amqp_url) < 2:  # at least one retry is waiting
+            await asyncio.sleep(0.05)
+        await start_worker()
+        first = await call
+        again = await otp.issue(user="alice", client="c", channel="none", command_id=command_id)
+        assert first.status == "issued"
+        assert again == first
+        # A sentinel issued after every copy was handled: its event comes after alice's.
+        await otp.issue(user="sentinel", client="c", channel="none")
+        users: list[str] = []
+        async for event in stream:
+            users.append(event.user)
+            if event.user == "sentinel":
+                break
+    assert users.count("alice") == 1
+
+
+async def test_events_are_parsed_and_deduplicated(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    now = datetime.now(UTC)
+    repeated = CodeConfirmed(
+        event_id=str(uuid.uuid4()),
+        occurred_at=now,
+        code_id="c1",
+        user="bob",
+        client="c",
+        purpose="login",
+        attempts_used=1,
+    )
+    async with OtpClient.connect(amqp_url) as otp, otp.subscribe("code.*") as stream:
+        async with channel_on(amqp_url) as channel:
+            exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+            for _ in range(2):  # what an outbox relay does after a crash
+                await exchange.publish(
+                    aio_pika.Message(repeated.model_dump_json().encode()),
+                    routing_key="code.confirmed",
+                )
+        await otp.issue(user="alice", client="c", channel="none")
+        seen: list[Any] = []
+        async for event in stream:
+            seen.append(event)
+            if isinstance(event, CodeIssued):
+                break
+    assert [type(e) for e in seen] == [CodeConfirmed, CodeIssued]
+    assert seen[0] == repeated
+    assert seen[1].user == "alice"
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("aiosqlite", "asyncpg", "structlog", "cryptography", "orjson", "pydantic_settings",
+           "worker", "yaml", "jsonschema")
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+        return None
+sys.meta_path.insert(0, Refuse())
+import contracts.client, contracts.asyncapi
+assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), sorted(sys.modules)
+print("ok")
+"""
+
+
+def test_contracts_import_without_worker_packages() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKER], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

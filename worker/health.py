@@ -1,0 +1,107 @@
+"""``otp check``: the few facts that say whether the service can take commands right now.
+
+Each check runs even when an earlier one failed (a broken store is worth knowing about while
+the broker is down too), with a timeout, and reports one line. "Worker consuming" is asked of
+the broker (the command queue's consumer count from a passive declare), not of a process: it
+is what a producer depends on, wherever the workers run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+
+import aio_pika
+
+from contracts.topology import COMMAND_QUEUE
+from worker.store import open_store
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+async def run_checks(
+    amqp_url: str, database_url: str, *, max_backlog: int, timeout: float
+) -> list[Check]:
+    return [
+        *await _broker_checks(amqp_url, timeout),
+        *await _store_checks(database_url, max_backlog, timeout),
+    ]
+
+
+async def _broker_checks(url: str, timeout: float) -> list[Check]:
+    try:
+        connection = await aio_pika.connect(url, timeout=timeout)
+    except Exception as exc:
+        return [
+            Check("broker reachable", False, describe(exc)),
+            Check("worker consuming", False, "unknown: the broker is unreachable"),
+        ]
+    try:
+        checks = [Check("broker reachable", True, "connected")]
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(COMMAND_QUEUE, passive=True, timeout=timeout)
+            consumers = queue.declaration_result.consumer_count or 0
+            waiting = queue.declaration_result.message_count or 0
+            checks.append(
+                Check(
+                    "worker consuming",
+                    consumers >= 1,
+                    f"{COMMAND_QUEUE} has {consumers} consumer(s), {waiting} waiting",
+                )
+            )
+        except Exception as exc:
+            checks.append(Check("worker consuming", False, f"{COMMAND_QUEUE}: {describe(exc)}"))
+        return checks
+    finally:
+        await connection.close()
+
+
+async def _store_checks(url: str, max_backlog: int, timeout: float) -> list[Check]:
+    try:
+        store = await asyncio.wait_for(open_store(url), timeout)
+    except Exception as exc:
+        return [
+            Check("store reachable", False, describe(exc)),
+            Check("outbox backlog", False, "unknown: the store is unreachable"),
+        ]
+    try:
+        checks: list[Check] = []
+        try:
+            await asyncio.wait_for(store.ping(), timeout)
+            checks.append(Check("store reachable", True, url.split(":", 1)[0]))
+        except Exception as exc:
+            checks.append(Check("store reachable", False, describe(exc)))
+        try:
+            backlog = await asyncio.wait_for(store.outbox_backlog(), timeout)
+            checks.append(
+                Check(
+                    "outbox backlog",
+                    backlog <= max_backlog,
+                    f"{backlog} event(s) waiting (bound {max_backlog})",
+                )
+            )
+        except Exception as exc:
+            checks.append(Check("outbox backlog", False, describe(exc)))
+        return checks
+    finally:
+        await store.close()
+
+
+def describe(exc: BaseException) -> str:
+    """One line for any error: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    return text or type(exc).__name__
