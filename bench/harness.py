@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -151,13 +152,7 @@ class Proc:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the process so far."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            ticks = os.sysconf("SC_CLK_TCK")
-            return (int(fields[11]) + int(fields[12])) / ticks
-        except (OSError, ValueError, IndexError):
-            return None
+        return cpu_seconds_of(self.pid)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -170,6 +165,33 @@ class Proc:
     def kill_all(cls) -> None:
         for proc in list(cls.live):
             proc.kill_now()
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ (beam.smp), to report its CPU share; None when not visible."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+    return None
+
+
+def cpu_seconds_of(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (from /proc/PID/stat)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------- replies

@@ -26,6 +26,9 @@ from bench.harness import (
     BrokerSide,
     Outgoing,
     Proc,
+    broker_pid,
+    cpu_seconds_of,
+    own_cpu_seconds,
     wait_replies,
 )
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY
@@ -72,6 +75,8 @@ class Drained:
     events: int
     prefill_seconds: float
     cpu_seconds: float | None
+    broker_cpu_seconds: float | None
+    bench_cpu_seconds: float | None
     exit_code: int | None
     problems: list[str]
 
@@ -89,11 +94,19 @@ class Drained:
             "consumer_cpu_share": (
                 round(self.cpu_seconds / self.span, 2) if self.cpu_seconds and self.span else None
             ),
+            "broker_cpu_share": _share(self.broker_cpu_seconds, self.span),
+            "bench_cpu_share": _share(self.bench_cpu_seconds, self.span),
             "exit_code": self.exit_code,
         }
 
     def summary(self) -> str:
-        cpu = f", consumer CPU {self.cpu_seconds / self.span:.0%}" if self.cpu_seconds else ""
+        cpu = ""
+        if self.cpu_seconds and self.span:
+            cpu = f", CPU consumer {self.cpu_seconds / self.span:.0%}"
+            if self.broker_cpu_seconds is not None:
+                cpu += f" broker {self.broker_cpu_seconds / self.span:.0%}"
+            if self.bench_cpu_seconds is not None:
+                cpu += f" bench {self.bench_cpu_seconds / self.span:.0%}"
         return f"{self.count} cmds in {self.span:.2f} s, events {self.events}{cpu}"
 
 
@@ -195,18 +208,19 @@ class Bench:
             raise BenchError(f"{label}: only {queued}/{len(items)} commands queued after prefill")
         self.log(f"  {label}: prefilled {len(items)} commands in {prefill:.1f} s; starting")
 
-        cpu_at_first: list[float | None] = []
+        beam = broker_pid()
+        cpu_at_first: list[tuple[float | None, float | None, float]] = []
 
         async def watch_first() -> None:
             while replies.count == 0:
                 await asyncio.sleep(0.005)
-            cpu_at_first.append(proc.cpu_seconds())
+            cpu_at_first.append((proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds()))
 
         proc.start()
         watcher = asyncio.create_task(watch_first())
         try:
             await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
-            cpu_end = proc.cpu_seconds()
+            cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
         finally:
             watcher.cancel()
             exit_code = await proc.stop()
@@ -226,11 +240,12 @@ class Bench:
             problems.append(f"only {events} events for {events_expected} expected")
         if exit_code not in (0, None):
             problems.append(f"{proc.name} exited with {exit_code}")
-        cpu = None
-        if cpu_at_first and cpu_at_first[0] is not None and cpu_end is not None:
-            cpu = cpu_end - cpu_at_first[0]
+        spent: list[float | None] = [None, None, None]
+        if cpu_at_first:
+            for i, (a, b) in enumerate(zip(cpu_at_first[0], cpu_end, strict=True)):
+                spent[i] = b - a if a is not None and b is not None else None
         drained = Drained(
-            len(times), span, rate, statuses, events, prefill, cpu, exit_code, problems
+            len(times), span, rate, statuses, events, prefill, *spent, exit_code, problems
         )
         self.log(f"  {label}: {rate:,.0f} commands/s ({drained.summary()})")
         for problem in problems:
@@ -576,6 +591,10 @@ class Bench:
         result.notes.append(drained.summary())
         result.problems.extend(drained.problems)
         result.data.update(drained.as_data())
+
+
+def _share(seconds: float | None, span: float) -> float | None:
+    return round(seconds / span, 2) if seconds is not None and span else None
 
 
 def _at_least(value: float | None, floor: float) -> bool | None:
