@@ -1,0 +1,601 @@
+"""The scenarios: each prefills or offers a load, runs one consumer process and measures it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.fernet import Fernet
+
+from bench import prestore
+from bench.harness import (
+    EVENTS_QUEUE,
+    ROOT,
+    BenchError,
+    BrokerSide,
+    Outgoing,
+    Proc,
+    broker_pid,
+    cpu_seconds_of,
+    own_cpu_seconds,
+    wait_replies,
+)
+from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY
+
+CLIENT = "bench"
+
+
+@dataclass
+class Result:
+    scenario: str
+    rate: float | None = None
+    ratio: float | None = None
+    ratio_to: str = ""
+    target: str = ""
+    met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "commands_per_second": self.rate,
+            "ratio": self.ratio,
+            "ratio_to": self.ratio_to,
+            "target": self.target,
+            "target_met": self.met,
+            "notes": self.notes,
+            "problems": self.problems,
+            "seconds": round(self.seconds, 2),
+            "data": self.data,
+        }
+
+
+@dataclass
+class Drained:
+    """One prefilled run: first reply to last reply."""
+
+    count: int
+    span: float
+    rate: float
+    statuses: Counter[str]
+    events: int
+    prefill_seconds: float
+    cpu_seconds: float | None
+    broker_cpu_seconds: float | None
+    bench_cpu_seconds: float | None
+    exit_code: int | None
+    problems: list[str]
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "commands": self.count,
+            "span_seconds": round(self.span, 3),
+            "commands_per_second": round(self.rate, 1),
+            "statuses": dict(self.statuses),
+            "events": self.events,
+            "prefill_seconds": round(self.prefill_seconds, 2),
+            "consumer_cpu_seconds": (
+                round(self.cpu_seconds, 2) if self.cpu_seconds is not None else None
+            ),
+            "consumer_cpu_share": (
+                round(self.cpu_seconds / self.span, 2) if self.cpu_seconds and self.span else None
+            ),
+            "broker_cpu_share": _share(self.broker_cpu_seconds, self.span),
+            "bench_cpu_share": _share(self.bench_cpu_seconds, self.span),
+            "exit_code": self.exit_code,
+        }
+
+    def summary(self) -> str:
+        cpu = ""
+        if self.cpu_seconds and self.span:
+            cpu = f", CPU consumer {self.cpu_seconds / self.span:.0%}"
+            if self.broker_cpu_seconds is not None:
+                cpu += f" broker {self.broker_cpu_seconds / self.span:.0%}"
+            if self.bench_cpu_seconds is not None:
+                cpu += f" bench {self.bench_cpu_seconds / self.span:.0%}"
+        return f"{self.count} cmds in {self.span:.2f} s, events {self.events}{cpu}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def issue_items(prefix: str, users: str, count: int, *, reveal: bool = False) -> list[Outgoing]:
+    items = []
+    for i in range(count):
+        body: dict[str, Any] = {
+            "command_id": f"{prefix}{i}",
+            "user": f"{users}-{i:07d}",
+            "client": CLIENT,
+            "channel": "none",
+        }
+        if reveal:
+            body["reveal"] = True
+        items.append(Outgoing(ISSUE_ROUTING_KEY, orjson.dumps(body), f"{prefix}{i}"))
+    return items
+
+
+class Bench:
+    def __init__(self, args: Any, broker: BrokerSide, amqp_url: str, tmp: Path) -> None:
+        self.args = args
+        self.broker = broker
+        self.amqp_url = amqp_url
+        self.tmp = tmp
+        self.run_id = secrets.token_hex(3)
+        self.secret = secrets.token_urlsafe(32)
+        self.delivery = Fernet.generate_key().decode()
+        self.results: dict[str, Result] = {}
+        self._dirs = 0
+        self._confirm_load: tuple[list[Outgoing], list[Outgoing], Counter[str]] | None = None
+
+    # ------------------------------------------------------------------ processes
+
+    def new_dir(self, name: str) -> Path:
+        self._dirs += 1
+        path = self.tmp / f"{self._dirs:02d}-{name}"
+        path.mkdir()
+        return path
+
+    def worker(self, directory: Path, name: str = "worker", **overrides: str) -> Proc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
+        env.update(
+            OTP_AMQP_URL=self.amqp_url,
+            OTP_DATABASE_URL=f"sqlite:///{directory / 'otp.db'}",
+            OTP_SECRET_KEY=self.secret,
+            OTP_DELIVERY_KEY=self.delivery,
+            OTP_VAR_DIR=str(directory / "var"),
+            OTP_LOG_FORMAT="json",
+            OTP_LOG_LEVEL="info",
+            # Generous limits: the load must measure the command path, not the rate limiter.
+            OTP_RESEND_COOLDOWN_SECONDS="0",
+            OTP_MAX_SENDS_PER_SCOPE_PER_HOUR="1000000",
+            OTP_MAX_SENDS_PER_DESTINATION_PER_HOUR="1000000",
+            OTP_MAX_CONSECUTIVE_FAILURES="100",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(overrides)
+        env.update(self.args.worker_env_dict)
+        return Proc(name, "worker", env, directory / f"{name}.log")
+
+    def raw(self, directory: Path) -> Proc:
+        env = dict(os.environ)
+        env.update(
+            BENCH_AMQP_URL=self.amqp_url,
+            BENCH_PREFETCH=str(self.args.prefetch),
+            PYTHONPATH=str(ROOT),
+        )
+        return Proc("raw consumer", "bench.raw_consumer", env, directory / "raw.log")
+
+    # ------------------------------------------------------------------ the core run
+
+    async def drain(
+        self,
+        label: str,
+        proc: Proc,
+        items: Sequence[Outgoing],
+        expected: Counter[str],
+        *,
+        events_expected: int,
+    ) -> Drained:
+        """Prefill ``items``, start ``proc``, time first reply to last reply."""
+        broker, replies = self.broker, self.broker.replies
+        await broker.ensure_idle()
+        prefix = items[0].correlation_id.rsplit(":", 1)[0] + ":"
+        replies.reset(prefix, len(items))
+        started = time.perf_counter()
+        await broker.publish_confirmed(items)
+        prefill = time.perf_counter() - started
+        queued, _ = await broker.queue_counts("otp.worker.commands")
+        if queued < len(items):
+            raise BenchError(f"{label}: only {queued}/{len(items)} commands queued after prefill")
+        self.log(f"  {label}: prefilled {len(items)} commands in {prefill:.1f} s; starting")
+
+        beam = broker_pid()
+        cpu_at_first: list[tuple[float | None, float | None, float]] = []
+
+        async def watch_first() -> None:
+            while replies.count == 0:
+                await asyncio.sleep(0.005)
+            cpu_at_first.append((proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds()))
+
+        proc.start()
+        watcher = asyncio.create_task(watch_first())
+        try:
+            await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
+            cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
+        finally:
+            watcher.cancel()
+            exit_code = await proc.stop()
+        events = await broker.count_events(events_expected)
+        times = replies.times
+        span = times[-1] - times[0] if len(times) > 1 else float("nan")
+        rate = (len(times) - 1) / span if len(times) > 1 and span > 0 else float("nan")
+        statuses = Counter(orjson.loads(body).get("status", "?") for body in replies.bodies)
+        problems = []
+        if len(set(replies.correlation_ids)) != len(items):
+            problems.append(
+                f"{len(set(replies.correlation_ids))} distinct replies for {len(items)} commands"
+            )
+        if statuses != expected:
+            problems.append(f"statuses {dict(statuses)} != expected {dict(expected)}")
+        if events < events_expected:
+            problems.append(f"only {events} events for {events_expected} expected")
+        if exit_code not in (0, None):
+            problems.append(f"{proc.name} exited with {exit_code}")
+        spent: list[float | None] = [None, None, None]
+        if cpu_at_first:
+            for i, (a, b) in enumerate(zip(cpu_at_first[0], cpu_end, strict=True)):
+                spent[i] = b - a if a is not None and b is not None else None
+        drained = Drained(
+            len(times), span, rate, statuses, events, prefill, *spent, exit_code, problems
+        )
+        self.log(f"  {label}: {rate:,.0f} commands/s ({drained.summary()})")
+        for problem in problems:
+            self.log(f"  {label}: PROBLEM {problem}")
+        return drained
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def _ratio(self, result: Result, base: str, label: str) -> None:
+        other = self.results.get(base)
+        if result.rate and other is not None and other.rate:
+            result.ratio = result.rate / other.rate
+            result.ratio_to = label
+
+    # ------------------------------------------------------------------ scenarios
+
+    async def ceiling(self, result: Result) -> None:
+        items = issue_items(f"ceil-{self.run_id}:", f"ceil-{self.run_id}", self.args.commands)
+        drained = await self.drain(
+            "ceiling",
+            self.raw(self.new_dir("ceiling")),
+            items,
+            Counter({"raw": len(items)}),
+            events_expected=len(items),
+        )
+        self._fill(result, drained)
+        result.ratio, result.ratio_to = 1.0, "itself"
+        result.notes.append("raw aio-pika: consume, reply, confirmed persistent event, ack")
+
+    async def issue(self, result: Result, *, quiet: bool = False) -> None:
+        tag = "issueq" if quiet else "issue"
+        items = issue_items(f"{tag}-{self.run_id}:", f"{tag}-{self.run_id}", self.args.commands)
+        overrides = {"OTP_LOG_LEVEL": "warning"} if quiet else {}
+        drained = await self.drain(
+            result.scenario,
+            self.worker(self.new_dir(tag), **overrides),
+            items,
+            Counter({"issued": len(items)}),
+            events_expected=len(items),
+        )
+        self._fill(result, drained)
+        self._ratio(result, "ceiling", "ceiling")
+        result.target, result.met = "ratio >= 1.0", _at_least(result.ratio, 1.0)
+        result.notes.insert(0, "log level warning" if quiet else "default log level (info)")
+
+    async def confirm(self, result: Result) -> None:
+        n = self.args.commands
+        rights = n // 10
+        wrong_scopes = (n - 2 * (n // 10)) // 5
+        issues = n - rights - 5 * wrong_scopes
+        directory = self.new_dir("confirm")
+        env = {"OTP_REVEAL_CLIENTS": CLIENT}
+
+        # Untimed: issue the codes to confirm against, through the worker, with reveal.
+        setup = issue_items(
+            f"cfsetup-{self.run_id}:", f"cf-{self.run_id}", rights + wrong_scopes, reveal=True
+        )
+        setup_drained = await self.drain(
+            "confirm setup (untimed)",
+            self.worker(directory, "worker-setup", **env),
+            setup,
+            Counter({"issued": len(setup)}),
+            events_expected=len(setup),
+        )
+        if setup_drained.problems:
+            raise BenchError("confirm setup failed: " + "; ".join(setup_drained.problems))
+        codes = [orjson.loads(body)["code"] for body in self.broker.replies.bodies]
+        by_user = {
+            f"cf-{self.run_id}-{int(cid.rsplit(':', 1)[1]):07d}": code
+            for cid, code in zip(self.broker.replies.correlation_ids, codes, strict=True)
+        }
+
+        def load(prefix: str) -> list[Outgoing]:
+            bodies: list[tuple[str, dict[str, Any]]] = []
+            users = sorted(by_user)
+            for user in users[:rights]:
+                bodies.append((CONFIRM_ROUTING_KEY, {"user": user, "code": by_user[user]}))
+            for user in users[rights : rights + wrong_scopes]:
+                wrong = f"{(int(by_user[user]) + 1) % 10**6:06d}"
+                for _ in range(5):
+                    bodies.append((CONFIRM_ROUTING_KEY, {"user": user, "code": wrong}))
+            for i in range(issues):
+                bodies.append(
+                    (ISSUE_ROUTING_KEY, {"user": f"cfnew-{self.run_id}-{i}", "channel": "none"})
+                )
+            random.Random(6).shuffle(bodies)
+            items = []
+            for i, (key, body) in enumerate(bodies):
+                full = {"command_id": f"{prefix}{i}", **body, "client": CLIENT}
+                items.append(Outgoing(key, orjson.dumps(full), f"{prefix}{i}"))
+            return items
+
+        raw_drained = await self.drain(
+            "ceiling (confirm mix)",
+            self.raw(self.new_dir("ceiling-confirm")),
+            load(f"cfraw-{self.run_id}:"),
+            Counter({"raw": n}),
+            events_expected=n,
+        )
+        expected = Counter(
+            {
+                "issued": issues,
+                "confirmed": rights,
+                "invalid": 4 * wrong_scopes,
+                "locked": wrong_scopes,
+            }
+        )
+        drained = await self.drain(
+            "confirm",
+            self.worker(directory, "worker", **env),
+            load(f"cf-{self.run_id}:"),
+            expected,
+            events_expected=n,
+        )
+        self._fill(result, drained)
+        result.data["ceiling"] = raw_drained.as_data()
+        result.data["setup"] = setup_drained.as_data()
+        if result.rate and raw_drained.rate:
+            result.ratio = result.rate / raw_drained.rate
+            result.ratio_to = "ceiling on this mix"
+        result.problems.extend(f"ceiling: {p}" for p in raw_drained.problems)
+        result.target, result.met = "ratio >= 1.0", _at_least(result.ratio, 1.0)
+        share = ", ".join(f"{k} {v / n:.0%}" for k, v in sorted(expected.items()))
+        result.notes.insert(0, f"ceiling on this mix {raw_drained.rate:,.0f}/s; {share}")
+
+    async def _paced(
+        self, label: str, proc: Proc, rate: float, seconds: float, warmup: float
+    ) -> dict[str, Any]:
+        """Offers ``rate`` issue commands/s to a running ``proc``; reply latencies in ms."""
+        total = max(1, round(rate * seconds))
+        prefix = f"{label}-{self.run_id}:"
+        items = issue_items(prefix, f"{label}-{self.run_id}", total)
+        broker, replies = self.broker, self.broker.replies
+        await broker.ensure_idle()
+        proc.start()
+        sent: dict[str, float] = {}
+        try:
+            await broker.wait_consuming(proc)
+            replies.reset(prefix, total)
+            self.log(f"  {label}: offering {rate:,.0f} commands/s for {seconds:g} s to {proc.name}")
+            start = time.perf_counter()
+            for i, item in enumerate(items):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent[item.correlation_id] = time.perf_counter()
+                await broker.publish_now(item)
+            offered_for = time.perf_counter() - start
+            await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
+        finally:
+            exit_code = await proc.stop()
+        measured = [
+            (at - sent[cid]) * 1000
+            for cid, at in zip(replies.correlation_ids, replies.times, strict=True)
+            if sent[cid] - start >= warmup
+        ]
+        statuses = Counter(orjson.loads(body).get("status", "?") for body in replies.bodies)
+        figures = {
+            "offered_rate": round(total / offered_for, 1),
+            "target_rate": round(rate, 1),
+            "commands": total,
+            "measured": len(measured),
+            "warmup_seconds": warmup,
+            "p50_ms": round(percentile(measured, 0.50), 2),
+            "p90_ms": round(percentile(measured, 0.90), 2),
+            "p99_ms": round(percentile(measured, 0.99), 2),
+            "max_ms": round(max(measured), 2),
+            "mean_ms": round(statistics.fmean(measured), 2),
+            "statuses": dict(statuses),
+            "exit_code": exit_code,
+        }
+        self.log(
+            f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+            f"max {figures['max_ms']:.1f} ms"
+        )
+        return figures
+
+    async def latency(self, result: Result) -> None:
+        capacity = self.results["issue"].rate if "issue" in self.results else None
+        rate = self.args.latency_rate or (capacity / 2 if capacity else None)
+        if not rate:
+            raise BenchError("no issue capacity measured and no --latency-rate given")
+        seconds, warmup = self.args.latency_seconds, self.args.latency_warmup
+        # The same paced load on the raw consumer: what the broker alone costs in latency.
+        raw = await self._paced(
+            "latraw", self.raw(self.new_dir("latency-raw")), rate, seconds, warmup
+        )
+        figures = await self._paced(
+            "lat", self.worker(self.new_dir("latency")), rate, seconds, warmup
+        )
+        p50, p99 = figures["p50_ms"], figures["p99_ms"]
+        result.rate = figures["offered_rate"]
+        result.target, result.met = "p99 <= 50 ms", p99 <= 50.0
+        how = "--latency-rate" if self.args.latency_rate else "half of issue capacity"
+        result.notes = [
+            f"offered {result.rate:,.0f}/s ({how})",
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {figures['max_ms']:.1f} ms",
+            f"raw consumer at the same load: p50 {raw['p50_ms']:.1f} ms, "
+            f"p99 {raw['p99_ms']:.1f} ms",
+            f"{figures['measured']} replies after {warmup:g} s warm-up",
+        ]
+        result.data = {**figures, "ceiling": raw}
+        if figures["statuses"] != {"issued": figures["commands"]}:
+            result.problems.append(f"statuses {figures['statuses']}")
+        if raw["statuses"] != {"raw": raw["commands"]}:
+            result.problems.append(f"ceiling statuses {raw['statuses']}")
+
+    async def rss(self, result: Result) -> None:
+        total, backlog = self.args.rss_commands, self.args.rss_backlog
+        prefix = f"rss-{self.run_id}:"
+        items = issue_items(prefix, f"rss-{self.run_id}", total)
+        broker, replies = self.broker, self.broker.replies
+        await broker.ensure_idle()
+        proc = self.worker(self.new_dir("rss"))
+        proc.start()
+        samples: list[tuple[float, int, int]] = []
+        events = 0
+
+        async def sample() -> None:
+            while True:
+                rss = proc.rss_kib()
+                if rss is not None:
+                    samples.append((time.perf_counter(), replies.count, rss))
+                await asyncio.sleep(0.5)
+
+        async def purge_events() -> None:
+            nonlocal events
+            while True:
+                await asyncio.sleep(5)
+                events += await broker.purge(EVENTS_QUEUE)
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await broker.wait_consuming(proc)
+            replies.reset(prefix, total)
+            tasks = [asyncio.create_task(sample()), asyncio.create_task(purge_events())]
+            await asyncio.sleep(1.0)  # an idle sample or two: the worker before any load
+            idle = samples[-1][2] if samples else None
+            self.log(f"  rss: feeding {total} commands, backlog {backlog}")
+            sent = 0
+            while sent < total:
+                proc.check_alive()
+                room = backlog - (sent - replies.count)
+                if room < min(500, total - sent):
+                    await asyncio.sleep(0.02)
+                    continue
+                chunk = min(room, 1000, total - sent)
+                await broker.publish_confirmed(items[sent : sent + chunk])
+                sent += chunk
+            await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what="rss")
+            final = proc.rss_kib()
+            if final is not None:
+                samples.append((time.perf_counter(), replies.count, final))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            exit_code = await proc.stop()
+        events += await broker.count_events(0, timeout=2)
+        times = replies.times
+        span = times[-1] - times[0]
+        result.rate = (len(times) - 1) / span
+        peak = max(s[2] for s in samples)
+
+        def at(fraction: float) -> int:
+            return next(s[2] for s in samples if s[1] >= fraction * total)
+
+        r10, r50, r100 = at(0.10), at(0.50), at(1.0)
+        growth = r100 - r10
+        result.met = growth <= max(10 * 1024, r10 // 10)
+        result.target = "flat: 10%->100% growth <= max(10 MiB, 10%)"
+        result.notes = [
+            f"peak RSS {peak / 1024:.0f} MiB" + (f", idle {idle / 1024:.0f} MiB" if idle else ""),
+            f"at 10%/50%/100%: {r10 / 1024:.0f}/{r50 / 1024:.0f}/{r100 / 1024:.0f} MiB",
+            f"{total} cmds, events {events}",
+        ]
+        statuses = Counter(orjson.loads(body).get("status", "?") for body in replies.bodies)
+        if statuses != Counter({"issued": total}):
+            result.problems.append(f"statuses {dict(statuses)}")
+        if events < total:
+            result.problems.append(f"only {events} events for {total} commands")
+        self._ratio(result, "ceiling", "ceiling")
+        result.data = {
+            "commands": total,
+            "backlog": backlog,
+            "span_seconds": round(span, 2),
+            "peak_rss_kib": peak,
+            "idle_rss_kib": idle,
+            "rss_kib_at": {"10%": r10, "50%": r50, "100%": r100},
+            "samples": [(round(t - samples[0][0], 2), c, r) for t, c, r in samples],
+            "events": events,
+            "statuses": dict(statuses),
+            "exit_code": exit_code,
+        }
+        self.log(f"  rss: {'; '.join(result.notes[:2])}")
+
+    async def prestored(self, result: Result) -> None:
+        from worker.store.sqlite import SqliteStore
+
+        count = self.args.prestored
+        directory = self.new_dir("prestored")
+        db_path = directory / "otp.db"
+        # The worker's own migrations create the schema (the same code `python -m worker` runs).
+        store = await SqliteStore.open(f"sqlite:///{db_path}")
+        await store.close()
+        self.log(f"  prestored: filling {count:,} codes into {db_path}")
+        filled = await asyncio.to_thread(
+            prestore.fill,
+            str(db_path),
+            count,
+            self.secret.encode(),
+            self.delivery.encode(),
+            CLIENT,
+        )
+        size = db_path.stat().st_size
+        self.log(
+            f"  prestored: filled in {filled['seconds']:.1f} s "
+            f"({size / 2**20:.0f} MiB, {int(filled['sends'])} sends rows)"
+        )
+        items = issue_items(f"pre-{self.run_id}:", f"pre-{self.run_id}", self.args.commands)
+        drained = await self.drain(
+            "prestored",
+            self.worker(directory),
+            items,
+            Counter({"issued": len(items)}),
+            events_expected=len(items),
+        )
+        self._fill(result, drained)
+        self._ratio(result, "issue", "issue, empty store")
+        result.target, result.met = "ratio >= 0.9", _at_least(result.ratio, 0.9)
+        result.notes.insert(
+            0,
+            f"{count:,} codes + replies stored ({size / 2**20:.0f} MiB, "
+            f"fill {filled['seconds']:.0f} s)",
+        )
+        result.data["fill"] = {**filled, "db_bytes": size}
+
+    def _fill(self, result: Result, drained: Drained) -> None:
+        result.rate = drained.rate
+        result.notes.append(drained.summary())
+        result.problems.extend(drained.problems)
+        result.data.update(drained.as_data())
+
+
+def _share(seconds: float | None, span: float) -> float | None:
+    return round(seconds / span, 2) if seconds is not None and span else None
+
+
+def _at_least(value: float | None, floor: float) -> bool | None:
+    return None if value is None else value >= floor
