@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import orjson
@@ -17,7 +18,7 @@ ISSUE = {"command_id": "c", "user": "u", "client": "app", "channel": "none"}
 
 
 def parse(body: object, routing_key: str = "code.issue") -> IssueCode | ConfirmCode | Rejection:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return parse_command(routing_key, raw, POLICY)
 
 

@@ -72,13 +72,19 @@ class SqliteTransaction:
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
         if not keys:
             return {}
-        ids = sorted({command_id for _, command_id in keys})
-        rows = await self._select(
-            f"SELECT kind, command_id, reply FROM replies WHERE command_id IN ({_marks(len(ids))})",
-            ids,
-        )
-        wanted = set(keys)
-        return {(k, c): r for k, c, r in rows if (k, c) in wanted}
+        by_kind: dict[str, list[str]] = {}
+        for kind, command_id in keys:
+            by_kind.setdefault(kind, []).append(command_id)
+        found: dict[ReplyKey, bytes] = {}
+        for kind, ids in by_kind.items():
+            # kind first: the primary key (kind, command_id) serves the lookup.
+            rows = await self._select(
+                "SELECT command_id, reply FROM replies "
+                f"WHERE kind = ? AND command_id IN ({_marks(len(ids))})",
+                [kind, *ids],
+            )
+            found.update(((kind, c), r) for c, r in rows)
+        return found
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
         if not scopes:
