@@ -1,42 +1,51 @@
 """The command path: batches of deliveries, one transaction each, replies, acks.
 
 Deliveries wait in an in-memory inbox while a batch is in the store; the next batch takes
-all of them at once, so batches grow with load and a commit is shared by many commands
-(group commit). Nothing is acked before its batch has committed and its reply is out.
+all of them at once, so batches grow with load and one commit serves many commands (group
+commit). A batch goes through two stages: *prepare* (parse, one transaction) and *finish*
+(replies, dead letters, acks). Batch N+1 is prepared while batch N finishes, and batches
+finish in delivery order. Nothing is acked before its batch has committed and its reply
+is out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
-import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from contracts.replies import ConfirmResult, IssueResult
-from contracts.topology import (
-    CONFIRM_ROUTING_KEY,
-    ERROR_TYPE_HEADER,
-    REASON_HEADER,
-    REDACTED_HEADER,
-    ROUTING_KEY_HEADER,
-)
 from worker.amqp import json_message
 from worker.domain.model import Policy
 from worker.log import get_logger
+from worker.parking import park
 from worker.parsing import Command, Rejection, parse_command
 from worker.relay import OutboxRelay
 from worker.service import CommandHandler, Handled
-from worker.store.base import Store, TransientStoreError
+from worker.settlement import Settlement, requeue_all
+from worker.store.base import OutboxRow, Store, TransientStoreError
 
 log = get_logger(__name__)
 
 STORE_RETRIES = 5
 Observer = Callable[[str, Handled | Rejection, float], None]
+Step = Callable[[], Awaitable[None]]
+Valid = tuple[AbstractIncomingMessage, Command]
+
+
+@dataclass
+class _Prepared:
+    """What is left to do for a batch once its transaction has committed."""
+
+    settlement: Settlement = field(default_factory=Settlement)
+    steps: list[Step] = field(default_factory=list)
 
 
 class CommandConsumer:
@@ -65,61 +74,73 @@ class CommandConsumer:
         self._observe = observe
         self._clock = clock
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._busy = False
+        self._finishing: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self.last_delivery_at = 0.0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         self._idle.clear()
         self._inbox.put_nowait(message)
 
     async def run(self) -> None:
-        while True:
-            batch = [await self._inbox.get()]
-            while len(batch) < self._batch_size and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
-            self._busy = True
-            try:
-                await self._process(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("batch failed; its commands are requeued")
-                await _settle(batch, requeue=True)
-            finally:
-                self._busy = False
-                if self._inbox.empty():
-                    self._idle.set()
+        try:
+            while True:
+                batch = [await self._inbox.get()]
+                while len(batch) < self._batch_size and not self._inbox.empty():
+                    batch.append(self._inbox.get_nowait())
+                try:
+                    prepared = await self._prepare(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("batch failed; its commands are requeued")
+                    prepared = _Prepared(steps=[partial(requeue_all, batch)])
+                if self._finishing is not None:
+                    await self._finishing
+                self._finishing = asyncio.create_task(self._finish(batch, prepared))
+        finally:
+            if self._finishing is not None:
+                with contextlib.suppress(Exception):
+                    await self._finishing
 
     async def drain(self, timeout: float) -> None:
         """Waits until every delivery received so far has been handled."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
 
-    async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+    async def _finish(self, batch: Sequence[AbstractIncomingMessage], prepared: _Prepared) -> None:
+        try:
+            await asyncio.gather(*(step() for step in prepared.steps))
+            await prepared.settlement.flush()
+        except Exception:
+            log.exception("finishing a batch failed; its commands are requeued")
+            await requeue_all(batch)
+        finally:
+            if self._inbox.empty() and asyncio.current_task() is self._finishing:
+                self._idle.set()
+
+    async def _prepare(self, batch: Sequence[AbstractIncomingMessage]) -> _Prepared:
         started = asyncio.get_running_loop().time()
-        valid: list[tuple[AbstractIncomingMessage, Command]] = []
-        rejected: list[tuple[AbstractIncomingMessage, Rejection]] = []
-        work = []
+        prepared = _Prepared()
+        valid: list[Valid] = []
         for message in batch:
             try:
                 parsed = parse_command(message.routing_key or "", message.body, self._policy)
             except Exception:
-                work.append(self._give_up(message, None))
+                log.exception("parsing a command failed unexpectedly")
+                prepared.steps.append(partial(self._give_up, message, None, prepared.settlement))
                 continue
             if isinstance(parsed, Rejection):
-                rejected.append((message, parsed))
+                prepared.steps.append(
+                    partial(self._reject, message, parsed, started, prepared.settlement)
+                )
             else:
                 valid.append((message, parsed))
-        work += [self._reject(message, rejection, started) for message, rejection in rejected]
         if valid:
-            work.append(self._apply(valid, started))
-        await asyncio.gather(*work)
+            await self._apply(valid, started, prepared)
+        return prepared
 
-    async def _apply(
-        self, valid: Sequence[tuple[AbstractIncomingMessage, Command]], started: float
-    ) -> None:
+    async def _apply(self, valid: Sequence[Valid], started: float, prepared: _Prepared) -> None:
         commands = [command for _, command in valid]
         for attempt in range(STORE_RETRIES):
             try:
@@ -130,64 +151,54 @@ class CommandConsumer:
                 log.warning("store busy; retrying batch", attempt=attempt + 1, error=str(exc))
                 await asyncio.sleep(0.05 * 2**attempt)
             except Exception:
-                await self._isolate(valid, started)
+                log.exception("batch failed; handling its commands one by one", size=len(valid))
+                await self._isolate(valid, started, prepared)
                 return
         else:
             log.error("store unavailable; requeueing batch", size=len(valid))
-            await _settle([m for m, _ in valid], requeue=True)
+            for message, _ in valid:
+                prepared.settlement.requeue(message)
             return
-        await asyncio.gather(
-            *(
-                self._reply(message, outcome)
-                for (message, _), outcome in zip(valid, handled, strict=True)
-            )
+        prepared.steps.append(
+            partial(self._deliver, valid, handled, rows, started, prepared.settlement)
         )
-        self._relay.submit(rows)
-        for (message, command), outcome in zip(valid, handled, strict=True):
-            structlog.contextvars.bind_contextvars(
-                command_id=command.command_id, code_id=outcome.code_id
-            )
-            log.info(
-                "command handled",
-                command=message.routing_key,
-                status=outcome.status,
-                replayed=outcome.replayed,
-            )
-            structlog.contextvars.clear_contextvars()
-            if self._observe:
-                self._observe(message.routing_key or "", outcome, started)
 
-    async def _isolate(
-        self, valid: Sequence[tuple[AbstractIncomingMessage, Command]], started: float
-    ) -> None:
+    async def _isolate(self, valid: Sequence[Valid], started: float, prepared: _Prepared) -> None:
         """A batch failed for no transient reason: find the command that breaks it.
 
         The others are handled one by one; the culprit is dead-lettered, not retried forever.
         """
         if len(valid) > 1:
             for item in valid:
-                await self._apply([item], started)
+                await self._apply([item], started, prepared)
             return
         message, command = valid[0]
-        await self._give_up(message, command.command_id)
+        prepared.steps.append(
+            partial(self._give_up, message, command.command_id, prepared.settlement)
+        )
 
-    async def _give_up(self, message: AbstractIncomingMessage, command_id: str | None) -> None:
-        """A bug, not bad input: park the command for an operator instead of looping on it."""
-        structlog.contextvars.bind_contextvars(command_id=command_id)
-        log.exception("command failed; dead-lettering it")
-        structlog.contextvars.clear_contextvars()
-        try:
-            await self._dead_letter(
-                message, "internal error while handling the command", "internal_error"
+    async def _deliver(
+        self,
+        valid: Sequence[Valid],
+        handled: Sequence[Handled],
+        rows: Sequence[OutboxRow],
+        started: float,
+        settlement: Settlement,
+    ) -> None:
+        self._relay.submit(rows)
+        for (message, command), outcome in zip(valid, handled, strict=True):
+            await self._send_reply(message, outcome.reply, outcome.reply_type)
+            settlement.ack(message)
+            log.info(
+                "command handled",
+                command_id=command.command_id,
+                code_id=outcome.code_id,
+                command=message.routing_key,
+                status=outcome.status,
+                replayed=outcome.replayed,
             )
-        except Exception:
-            await _settle([message], requeue=True)
-            return
-        await _ack(message)
-
-    async def _reply(self, message: AbstractIncomingMessage, outcome: Handled) -> None:
-        await self._send_reply(message, outcome.reply, outcome.reply_type)
-        await _ack(message)
+            if self._observe:
+                self._observe(message.routing_key or "", outcome, started)
 
     async def _send_reply(
         self, message: AbstractIncomingMessage, reply: dict[str, Any], reply_type: str
@@ -207,90 +218,50 @@ class CommandConsumer:
         )
 
     async def _reject(
-        self, message: AbstractIncomingMessage, rejection: Rejection, started: float
+        self,
+        message: AbstractIncomingMessage,
+        rejection: Rejection,
+        started: float,
+        settlement: Settlement,
     ) -> None:
         """Reply ``rejected``, park the original in the dead-letter queue, ack: never requeue."""
-        structlog.contextvars.bind_contextvars(command_id=rejection.command_id)
         log.warning(
             "command rejected",
+            command_id=rejection.command_id,
             command=message.routing_key,
             error_type=rejection.error.type,
             error=rejection.error.message,
             fields=[f.loc for f in rejection.error.fields],
         )
-        structlog.contextvars.clear_contextvars()
         try:
-            await self._dead_letter(message, rejection.reason, rejection.error.type)
+            await park(
+                self._dead_letters, message, rejection.reason, rejection.error.type, self._timeout
+            )
         except Exception:
             log.exception("could not dead-letter a rejected command; requeueing it")
-            await _settle([message], requeue=True)
+            settlement.requeue(message)
             return
         model = IssueResult if rejection.kind == "issue" else ConfirmResult
         reply = model(command_id=rejection.command_id, status="rejected", error=rejection.error)
         await self._send_reply(message, reply.to_wire(), model.__name__)
-        await _ack(message)
+        settlement.ack(message)
         if self._observe:
             self._observe(message.routing_key or "", rejection, started)
 
-    async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, error_type: str
+    async def _give_up(
+        self, message: AbstractIncomingMessage, command_id: str | None, settlement: Settlement
     ) -> None:
-        body, redacted = redact(message.routing_key or "", message.body)
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers[REASON_HEADER] = reason[:1000]
-        headers[ERROR_TYPE_HEADER] = error_type
-        headers[ROUTING_KEY_HEADER] = message.routing_key or ""
-        if redacted:
-            headers[REDACTED_HEADER] = "code"
-        await self._dead_letters.publish(
-            _copy_of(message, body, headers),
-            routing_key=message.routing_key or "",
-            timeout=self._timeout,
-        )
-
-
-def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:
-    """A confirm command's candidate may be the real code: it never reaches the dead letters."""
-    if routing_key != CONFIRM_ROUTING_KEY or b"code" not in body:
-        return body, False
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, False
-    if isinstance(data, dict) and "code" in data:
-        data["code"] = "[redacted]"
-        return orjson.dumps(data), True
-    return body, False
-
-
-def _copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]) -> Any:
-    import aio_pika
-
-    return aio_pika.Message(
-        body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
-
-
-async def _ack(message: AbstractIncomingMessage) -> None:
-    try:
-        await message.ack()
-    except Exception as exc:  # channel gone: the broker redelivers, the reply is replayed
-        log.info("ack lost with its channel; the command will be redelivered", error=repr(exc))
-
-
-async def _settle(messages: Sequence[AbstractIncomingMessage], *, requeue: bool) -> None:
-    for message in messages:
+        """A bug, not bad input: park the command for an operator instead of looping on it."""
+        log.error("command failed; dead-lettering it", command_id=command_id)
         try:
-            await message.nack(requeue=requeue)
-        except Exception as exc:
-            log.info("nack lost with its channel", error=repr(exc))
+            await park(
+                self._dead_letters,
+                message,
+                "internal error while handling the command",
+                "internal_error",
+                self._timeout,
+            )
+        except Exception:
+            settlement.requeue(message)
+            return
+        settlement.ack(message)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import orjson
 
 from worker.domain.model import Scope
 
 
 def scope_key(scope: Scope) -> str:
     """An unambiguous single-column key for (user, client, purpose)."""
-    return json.dumps([scope.user, scope.client, scope.purpose], ensure_ascii=False)
+    return orjson.dumps([scope.user, scope.client, scope.purpose]).decode()
