@@ -11,6 +11,7 @@ import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
@@ -76,4 +77,23 @@ def json_message(
             aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         ),
         headers=headers,
+    )
+
+
+def copy_message(
+    message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]
+) -> aio_pika.Message:
+    """A persistent copy of a received command, its properties kept, for parking or replay."""
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        content_type=message.content_type or "application/json",
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
     )

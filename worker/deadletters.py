@@ -29,6 +29,7 @@ from contracts.topology import (
     REPLAYS_HEADER,
     ROUTING_KEY_HEADER,
 )
+from worker.amqp import copy_message
 
 DIAGNOSTIC_HEADERS = (REASON_HEADER, ERROR_TYPE_HEADER, ROUTING_KEY_HEADER, REDACTED_HEADER)
 BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
@@ -176,19 +177,7 @@ def _replayable_copy(message: AbstractIncomingMessage, letter: DeadLetter) -> ai
         if key not in DIAGNOSTIC_HEADERS and not key.startswith(BROKER_HEADER_PREFIXES)
     }
     headers[REPLAYS_HEADER] = letter.replays + 1
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type or "application/json",
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return copy_message(message, message.body, headers)
 
 
 def _text(value: Any) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
@@ -19,6 +18,7 @@ from contracts.topology import (
     REDACTED_HEADER,
     ROUTING_KEY_HEADER,
 )
+from worker.amqp import copy_message
 
 
 async def park(
@@ -36,20 +36,9 @@ async def park(
     headers[ROUTING_KEY_HEADER] = message.routing_key or ""
     if redacted:
         headers[REDACTED_HEADER] = "code"
-    copy = aio_pika.Message(
-        body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
+    await exchange.publish(
+        copy_message(message, body, headers), routing_key=message.routing_key or "", timeout=timeout
     )
-    await exchange.publish(copy, routing_key=message.routing_key or "", timeout=timeout)
 
 
 def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:
