@@ -10,8 +10,20 @@ from tests.support import ROOT
 
 def test_quick_benchmark_runs_and_reports_ratios() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,issue", "--commands", "1000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--scenarios",
+            "ceiling,issue",
+            "--commands",
+            "1000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = result.stdout
