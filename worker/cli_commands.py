@@ -142,9 +142,12 @@ async def dead_list(args: argparse.Namespace) -> int:
         print(json.dumps([letter.as_json() for letter in letters]), flush=True)
     for letter in [] if args.json else letters:
         flag = " (code redacted)" if letter.redacted else ""
+        why = letter.reason or ""
+        if not why.startswith(f"{letter.error_type}:"):  # the worker's reasons already do
+            why = f"{letter.error_type}: {why}"
         print(
             f"{letter.message_id or '-'} {letter.routing_key} command_id={letter.command_id} "
-            f"{letter.error_type}: {letter.reason}{flag}",
+            f"{why}{flag}",
             flush=True,
         )
     print(f"otp: {len(letters)} dead letter(s)", file=sys.stderr)
