@@ -20,6 +20,9 @@ COMMAND_ROUTING_KEYS = (ISSUE_ROUTING_KEY, CONFIRM_ROUTING_KEY)
 
 # Queues the contract leaves to the implementation.
 COMMAND_QUEUE = "otp.worker.commands"
+# Where the broker puts a command that reached its delivery limit: the worker parks it in
+# otp.dead-letter itself, so a confirm's code is redacted even then.
+UNDELIVERABLE_QUEUE = "otp.worker.undeliverable"
 NOTIFIER_QUEUE = "otp.notifier.code-issued"
 NOTIFIER_RETRY_QUEUE_PREFIX = "otp.notifier.retry"
 
@@ -68,9 +71,12 @@ COMMAND_QUEUE_SPEC = QueueSpec(
     arguments={
         "x-queue-type": "quorum",
         "x-delivery-limit": COMMAND_DELIVERY_LIMIT,
-        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": UNDELIVERABLE_QUEUE,
     },
 )
+
+UNDELIVERABLE = QueueSpec(UNDELIVERABLE_QUEUE, arguments={"x-queue-type": "quorum"})
 
 EXCHANGES = (COMMANDS, EVENTS, DEAD_LETTER)
 

@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection, ConsumerTag
 
@@ -19,6 +20,7 @@ from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTERS,
     EVENTS_EXCHANGE,
+    UNDELIVERABLE,
 )
 from worker.amqp import connect, declare_exchanges, declare_queue
 from worker.consumer import CommandConsumer, Observer
@@ -26,6 +28,7 @@ from worker.domain.codes import CodeHasher
 from worker.domain.sealing import Sealer
 from worker.log import get_logger
 from worker.metrics import MetricsServer, WorkerMetrics, serve_worker
+from worker.parking import park_undeliverable
 from worker.parsing import Rejection
 from worker.relay import OutboxRelay
 from worker.service import CommandHandler, Crypto, Handled
@@ -81,6 +84,7 @@ class Worker:
         await consume.set_qos(prefetch_count=s.prefetch)
         exchanges = await declare_exchanges(publish)
         await declare_queue(publish, DEAD_LETTERS)
+        undeliverable = await declare_queue(consume, UNDELIVERABLE)
         self._queue = await declare_queue(consume, COMMAND_QUEUE_SPEC)
 
         self.relay = OutboxRelay(
@@ -112,6 +116,10 @@ class Worker:
         )
         self._spawn(self.consumer.run, "command-batches")
         self._tag = await self._queue.consume(self.consumer.on_message)
+        dead_letters = exchanges[DEAD_LETTER_EXCHANGE]
+        await undeliverable.consume(
+            partial(park_undeliverable, dead_letters, timeout=s.publish_timeout_seconds)
+        )
         self._spawn(self._sweep_forever, "sweeper")
         self._spawn(self._watch_consumer, "consumer-watchdog")
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)

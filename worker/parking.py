@@ -19,6 +19,9 @@ from contracts.topology import (
     ROUTING_KEY_HEADER,
 )
 from worker.amqp import copy_message
+from worker.log import get_logger
+
+log = get_logger(__name__)
 
 
 async def park(
@@ -27,18 +30,54 @@ async def park(
     reason: str,
     error_type: str,
     timeout: float,
+    routing_key: str | None = None,
 ) -> None:
-    """Publishes the dead letter with publisher confirms; raises when it is not confirmed."""
-    body, redacted = redact(message.routing_key or "", message.body)
+    """Publishes the dead letter with publisher confirms; raises when it is not confirmed.
+
+    ``routing_key`` is the command's original one when the message arrives by another route.
+    """
+    routing_key = routing_key if routing_key is not None else message.routing_key or ""
+    body, redacted = redact(routing_key, message.body)
     headers: dict[str, Any] = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:1000]
     headers[ERROR_TYPE_HEADER] = error_type
-    headers[ROUTING_KEY_HEADER] = message.routing_key or ""
+    headers[ROUTING_KEY_HEADER] = routing_key
     if redacted:
         headers[REDACTED_HEADER] = "code"
     await exchange.publish(
-        copy_message(message, body, headers), routing_key=message.routing_key or "", timeout=timeout
+        copy_message(message, body, headers), routing_key=routing_key, timeout=timeout
     )
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str:
+    """The routing key a dead-lettered message was first published with (from ``x-death``)."""
+    deaths = (message.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
+        keys = deaths[-1].get("routing-keys")
+        if isinstance(keys, list) and keys:
+            key = keys[0]
+            return key.decode() if isinstance(key, bytes) else str(key)
+    return ""
+
+
+async def park_undeliverable(
+    exchange: AbstractExchange, message: AbstractIncomingMessage, timeout: float
+) -> None:
+    """A command the broker gave up on after its delivery limit: park it, redacted."""
+    try:
+        await park(
+            exchange,
+            message,
+            "delivery limit reached: the command failed on every delivery",
+            "delivery_limit",
+            timeout,
+            routing_key=original_routing_key(message),
+        )
+    except Exception as exc:
+        log.warning("could not park an undeliverable command; it stays queued", error=repr(exc))
+        await message.nack(requeue=True)
+        return
+    await message.ack()
 
 
 def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:

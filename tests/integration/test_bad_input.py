@@ -151,3 +151,46 @@ async def test_a_dead_lettered_confirm_never_carries_the_code(
         assert orjson.loads(dead.body) == {**body, "code": "[redacted]"}
         assert dead.headers[REDACTED_HEADER] == "code"
         assert dead.correlation_id is not None and dead.reply_to == otp.reply_queue.name
+
+
+async def test_a_command_that_keeps_failing_is_parked_redacted(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """After the delivery limit the broker gives up on a command; it still reaches the
+    dead letters through the worker, with the candidate code redacted."""
+    from contracts.topology import (
+        COMMAND_DELIVERY_LIMIT,
+        COMMAND_QUEUE_SPEC,
+        DEAD_LETTERS,
+        UNDELIVERABLE,
+    )
+    from worker.amqp import declare_exchanges, declare_queue
+
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    await declare_exchanges(channel)
+    await declare_queue(channel, DEAD_LETTERS)
+    await declare_queue(channel, UNDELIVERABLE)
+    queue = await declare_queue(channel, COMMAND_QUEUE_SPEC)
+    body = {"command_id": "doomed", "user": "u", "client": "c", "code": "818181"}
+    exchange = await channel.get_exchange("otp.commands")
+    await exchange.publish(aio_pika.Message(orjson.dumps(body)), routing_key="code.confirm")
+    deliveries = 0
+    while (message := await queue.get(fail=False, timeout=5)) is not None:
+        deliveries += 1  # a consumer that fails every time
+        await message.nack(requeue=True)
+    await connection.close()
+    assert deliveries == COMMAND_DELIVERY_LIMIT + 1
+
+    await start_worker()
+    parked: list[aio_pika.abc.AbstractIncomingMessage] = []
+    for _ in range(200):
+        parked = await drain_dead_letters(amqp_url)
+        if parked:
+            break
+        await asyncio.sleep(0.05)
+    (dead,) = parked
+    assert b"818181" not in dead.body
+    assert orjson.loads(dead.body) == {**body, "code": "[redacted]"}
+    assert dead.headers[ERROR_TYPE_HEADER] == "delivery_limit"
+    assert dead.headers[ROUTING_KEY_HEADER] == "code.confirm"
