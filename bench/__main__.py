@@ -217,6 +217,7 @@ def write_json(
         },
         "results": [r.as_json() for r in results.values()],
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     print(f"wrote {path}")
 

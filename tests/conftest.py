@@ -21,6 +21,7 @@ from contracts.topology import (
     DEAD_LETTER_QUEUE,
     EXCHANGES,
     NOTIFIER_QUEUE,
+    UNDELIVERABLE_QUEUE,
 )
 from tests.databases import BACKENDS, temporary_database
 from tests.support import (
@@ -35,7 +36,7 @@ from worker.app import Worker
 from worker.log import configure
 from worker.settings import Keys, Settings
 
-SERVICE_QUEUES = (COMMAND_QUEUE, DEAD_LETTER_QUEUE, NOTIFIER_QUEUE)
+SERVICE_QUEUES = (COMMAND_QUEUE, DEAD_LETTER_QUEUE, NOTIFIER_QUEUE, UNDELIVERABLE_QUEUE)
 
 
 @pytest.fixture(scope="session")
