@@ -35,6 +35,7 @@ from worker.service import CommandHandler, Crypto, Handled
 from worker.settings import Keys, Settings
 from worker.store import Store, open_store
 from worker.store.base import SweepResult
+from worker.watchdog import ConsumerWatchdog
 
 log = get_logger(__name__)
 
@@ -58,14 +59,12 @@ class Worker:
         self.relay: OutboxRelay | None = None
         self.consumer: CommandConsumer | None = None
         self._queue: AbstractQueue | None = None
-        self._tag: ConsumerTag | None = None
+        self._watchdog: ConsumerWatchdog | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.consumer_restores = 0
         self._stopped = False
         self.metrics = WorkerMetrics()
         self.metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None
-        self.broker_consumers = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -115,13 +114,15 @@ class Worker:
             clock=self.clock,
         )
         self._spawn(self.consumer.run, "command-batches")
-        self._tag = await self._queue.consume(self.consumer.on_message)
+        self._watchdog = ConsumerWatchdog(
+            self._queue, self.consumer.on_message, self.connection, s.consumer_check_seconds
+        )
+        await self._watchdog.start()
         dead_letters = exchanges[DEAD_LETTER_EXCHANGE]
         await undeliverable.consume(
             partial(park_undeliverable, dead_letters, timeout=s.publish_timeout_seconds)
         )
         self._spawn(self._sweep_forever, "sweeper")
-        self._spawn(self._watch_consumer, "consumer-watchdog")
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
 
     def _observe_command(self, routing_key: str, outcome: Handled | Rejection, t: float) -> None:
@@ -132,46 +133,21 @@ class Worker:
     def _spawn(self, target: Callable[[], Awaitable[None]], name: str) -> None:
         self._tasks.append(asyncio.create_task(target(), name=name))  # type: ignore[arg-type]
 
+    @property
+    def _tag(self) -> ConsumerTag | None:
+        return self._watchdog.tag if self._watchdog is not None else None
+
+    @property
+    def consumer_restores(self) -> int:
+        return self._watchdog.restores if self._watchdog is not None else 0
+
+    @property
+    def broker_consumers(self) -> int:
+        return self._watchdog.broker_consumers if self._watchdog is not None else 0
+
     async def consuming(self) -> bool:
         """True when our consumer is registered on a live channel and the broker counts it."""
-        if self._queue is None or self._tag is None or self.connection is None:
-            return False
-        if self.connection.is_closed or self._queue.channel.is_closed:
-            return False
-        try:
-            channel = await asyncio.wait_for(self._queue.channel.get_underlay_channel(), 2)
-            if self._tag not in getattr(channel, "consumers", {}):
-                return False
-            declared = await channel.queue_declare(COMMAND_QUEUE, passive=True, timeout=5)
-        except Exception:
-            return False
-        self.broker_consumers = declared.consumer_count or 0
-        return bool(declared.consumer_count)
-
-    async def _watch_consumer(self) -> None:
-        """aio-pika can come back from a reconnect without its consumer (#231, #626)."""
-        while True:
-            await asyncio.sleep(self.settings.consumer_check_seconds)
-            if self.connection is None or not self.connection.connected.is_set():
-                continue
-            if await self.consuming():
-                continue
-            await asyncio.sleep(self.settings.consumer_check_seconds / 2)
-            if not self.connection.connected.is_set() or await self.consuming():
-                continue
-            await self._restore_consumer()
-
-    async def _restore_consumer(self) -> None:
-        assert self._queue is not None and self.consumer is not None
-        log.warning("consumer lost; restoring it")
-        if self._tag is not None:
-            with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag, timeout=5)
-        try:
-            self._tag = await self._queue.consume(self.consumer.on_message, timeout=10)
-            self.consumer_restores += 1
-        except Exception as exc:
-            log.warning("consumer restore failed; will retry", error=repr(exc))
+        return self._watchdog is not None and await self._watchdog.consuming()
 
     async def _sweep_forever(self) -> None:
         s = self.settings
@@ -208,9 +184,8 @@ class Worker:
             return
         self._stopped = True
         started = time.monotonic()
-        if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag, timeout=5)
+        if self._watchdog is not None:
+            await self._watchdog.cancel_consumer()
         if self.consumer is not None:
             await self.consumer.drain(SHUTDOWN_GRACE_SECONDS)
         if self.relay is not None:

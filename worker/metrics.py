@@ -17,8 +17,10 @@ Worker series (sampled ones are refreshed on each scrape, so an idle worker cost
 Notifier series (``NotifierMetrics``; the notifier calls these, then ``MetricsServer``):
 
 - ``otp_deliveries_total{channel,result}`` counter via ``record_delivery(channel, result)``;
-  ``result`` is ``delivered``, ``failed``, ``retried`` or ``expired``
-- ``otp_delivery_duration_seconds{channel}`` histogram via ``record_delivery(..., seconds=)``
+  ``result`` is ``delivered``, ``failed``, ``retried``, ``expired``, ``duplicate`` (delivered
+  before) or ``busy`` (another notifier holds the claim)
+- ``otp_delivery_duration_seconds{channel}`` histogram via ``record_delivery(..., seconds=)``:
+  the transport's time, for attempts that reached the SMTP server or gateway
 """
 
 from __future__ import annotations

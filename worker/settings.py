@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     notifier_backoff_base_seconds: float = Field(1.0, gt=0, le=3600)
     notifier_dedup_retention_seconds: int = Field(7 * 86400, ge=60)
     notifier_console: bool | None = None
+    notifier_claim_lease_seconds: float = Field(60.0, gt=0, le=3600)
 
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

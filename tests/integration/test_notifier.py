@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,13 @@ import aio_pika
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import WorkerFactory, make_settings
+from tests.conftest import WorkerFactory
+from tests.integration.conftest import (
+    BACKOFF,
+    MAX_ATTEMPTS,
+    NotifierFactory,
+    delete_retry_queues,
+)
 from tests.integration.notifier_support import (
     Gateway,
     SmtpServer,
@@ -23,67 +28,7 @@ from tests.integration.notifier_support import (
 )
 from tests.support import event_log, producer, start_process, worker_env
 from worker.amqp import declare_exchanges, declare_queue
-from worker.notifier.app import Notifier
-from worker.notifier.retry import NOTIFIER_QUEUE_SPEC, retry_queue_specs
-from worker.settings import Keys
-
-BACKOFF = 0.05
-MAX_ATTEMPTS = 4
-NotifierFactory = Callable[..., Awaitable[Notifier]]
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    server = SmtpServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[Gateway]:
-    gw = Gateway()
-    await gw.start()
-    yield gw
-    await gw.stop()
-
-
-async def _delete_retry_queues(url: str) -> None:
-    """The shared fixtures know only the service's queues; the delay queues go here."""
-    connection = await aio_pika.connect(url)
-    try:
-        for spec in retry_queue_specs(MAX_ATTEMPTS, BACKOFF).values():
-            channel = await connection.channel()
-            await channel.queue_delete(spec.name)
-            await channel.close()
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
-async def start_notifier(
-    amqp_url: str, database_url: str, tmp_path: Path, smtp: SmtpServer
-) -> AsyncIterator[NotifierFactory]:
-    started: list[Notifier] = []
-
-    async def factory(**overrides: Any) -> Notifier:
-        values: dict[str, Any] = {
-            "smtp_host": "127.0.0.1",
-            "smtp_port": smtp.port,
-            "notifier_backoff_base_seconds": BACKOFF,
-            "notifier_max_attempts": MAX_ATTEMPTS,
-        }
-        values.update(overrides)
-        settings = make_settings(amqp_url, database_url, tmp_path, **values)
-        notifier = Notifier(settings, Keys(settings, need_secret=False))
-        await notifier.start()
-        started.append(notifier)
-        return notifier
-
-    yield factory
-    for notifier in started:
-        await notifier.stop()
-    await _delete_retry_queues(amqp_url)
+from worker.notifier.retry import NOTIFIER_QUEUE_SPEC
 
 
 def assert_no_code_logged(logs: list[dict[str, Any]], codes: list[str]) -> None:
@@ -316,6 +261,8 @@ async def test_sigkill_mid_batch_then_restart_delivers_every_code(
         OTP_NOTIFIER_PREFETCH=str(prefetch),
         OTP_NOTIFIER_BACKOFF_BASE_SECONDS=str(BACKOFF),
         OTP_NOTIFIER_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+        # The killed process leaves live claims: their copies wait out the lease, then go out.
+        OTP_NOTIFIER_CLAIM_LEASE_SECONDS="2",
     )
     log_path = tmp_path / "notifier.log"
     smtp.hold_after = hold_after
@@ -338,7 +285,7 @@ async def test_sigkill_mid_batch_then_restart_delivers_every_code(
     finally:
         if second.poll() is None:
             second.kill()
-        await _delete_retry_queues(amqp_url)
+        await delete_retry_queues(amqp_url)
 
     duplicates = len(smtp.mails) - len(delivered())
     assert 0 <= duplicates <= prefetch

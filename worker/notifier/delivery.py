@@ -1,11 +1,16 @@
 """One delivery attempt for one ``code.issued`` event, decided without touching the broker.
 
 The outcome tells the consumer what to publish; keeping the broker out of here keeps the
-ordering rules (remember, then publish, then ack) in one place, the consumer.
+ordering rules (remember, then publish, then ack) in one place, the consumer. Every attempt
+that may send first claims the event in the store (see ``store.py``), so two processes holding
+copies of one event never both send it.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,7 +18,7 @@ from contracts.events import CodeIssued
 from worker.domain.sealing import InvalidToken, Sealer
 from worker.log import get_logger
 from worker.notifier.render import Renderer, TemplateProblem
-from worker.notifier.store import DeliveryStore
+from worker.notifier.store import AlreadyDelivered, ClaimedElsewhere, DeliveryStore
 from worker.notifier.transports import (
     EmailTransport,
     PermanentDeliveryError,
@@ -46,7 +51,17 @@ class Retry:
     reason: str
 
 
-Outcome = Skip | Delivered | Failed | Retry
+@dataclass(frozen=True)
+class Busy:
+    """Another process holds a live claim: look again later, without spending an attempt."""
+
+
+Outcome = Skip | Delivered | Failed | Retry | Busy
+Observe = Callable[[str, str, float | None], None]
+
+
+def _ignore(channel: str, result: str, seconds: float | None) -> None:
+    pass
 
 
 class Deliverer:
@@ -59,6 +74,8 @@ class Deliverer:
         email: EmailTransport,
         sms: SmsTransport,
         max_attempts: int,
+        claim_lease_seconds: float,
+        observe: Observe = _ignore,
     ) -> None:
         self._store = store
         self._sealer = sealer
@@ -66,39 +83,82 @@ class Deliverer:
         self._email = email
         self._sms = sms
         self._max_attempts = max_attempts
+        self._lease = claim_lease_seconds
+        self._observe = observe
 
     async def attempt(self, event: CodeIssued, attempt: int, now: datetime) -> Outcome:
         """Attempt number ``attempt`` (1-based) at delivering ``event``."""
         if event.channel == "none":
             return Skip()
-        earlier = await self._store.delivered(event.event_id)
-        if earlier is not None:
-            return Delivered(earlier, earlier=True)
+        token = uuid.uuid4().hex
+        claim = await self._store.claim(event.event_id, token, now, self._lease)
+        outcome: Outcome
+        seconds: float | None = None
+        if isinstance(claim, AlreadyDelivered):
+            outcome = Delivered(claim.attempts, earlier=True)
+        elif isinstance(claim, ClaimedElsewhere):
+            outcome = Busy()
+        else:
+            outcome = Retry("interrupted")
+            try:
+                outcome, seconds = await self._attempt_claimed(event, attempt, now)
+            finally:
+                if not isinstance(outcome, Delivered):  # the next copy may claim it at once
+                    await self._store.release(event.event_id, token)
+        self._observe(event.channel, _result_of(outcome), seconds)
+        return outcome
+
+    async def _attempt_claimed(
+        self, event: CodeIssued, attempt: int, now: datetime
+    ) -> tuple[Outcome, float | None]:
+        """The outcome, and how long the transport took when it was asked at all."""
         tried = attempt - 1
         if event.expires_at <= now:
-            return Failed("expired", tried)
+            return Failed("expired", tried), None
         if not event.destination:
-            return Failed("no_destination", tried)
+            return Failed("no_destination", tried), None
         try:
             code = self._sealer.unseal(event.sealed_code)
         except InvalidToken:
-            return Failed("unsealable", tried)
+            return Failed("unsealable", tried), None
+        started = time.monotonic()
         try:
             await self._send(event, event.destination, code, now)
         except TransientDeliveryError as exc:
             if attempt >= self._max_attempts:
-                return Failed(f"retries_exhausted: {exc.reason}", attempt)
-            return Retry(exc.reason)
+                return Failed(f"retries_exhausted: {exc.reason}", attempt), _since(started)
+            return Retry(exc.reason), _since(started)
         except PermanentDeliveryError as exc:
-            return Failed(exc.reason, attempt)
+            return Failed(exc.reason, attempt), _since(started)
         except TemplateProblem as exc:
             log.error("template problem", error=str(exc))
-            return Failed("template_error", tried)
-        await self._store.remember(event.event_id, attempt, now)
-        return Delivered(attempt)
+            return Failed("template_error", tried), None
+        seconds = _since(started)
+        await self._store.mark_delivered(event.event_id, attempt, now)
+        return Delivered(attempt), seconds
 
     async def _send(self, event: CodeIssued, to: str, code: str, now: datetime) -> None:
         if event.channel == "email":
             await self._email.send_email(to, self._renderer.email(event, code, now), event.code_id)
         else:
             await self._sms.send_sms(to, self._renderer.sms(event, code, now), event.code_id)
+
+
+def _result_of(outcome: Outcome) -> str:
+    match outcome:
+        case Delivered(earlier=True):
+            return "duplicate"
+        case Delivered():
+            return "delivered"
+        case Failed(reason="expired"):
+            return "expired"
+        case Failed():
+            return "failed"
+        case Retry():
+            return "retried"
+        case _:
+            return "busy"
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started

@@ -3,7 +3,9 @@
 A failed delivery is parked in the tier's queue with its original body (which only carries the
 sealed code); when the queue's TTL runs out the broker routes it back to the notifier queue.
 The consumer never sleeps, so a slow retry never holds a prefetch slot. The delay is part of
-the queue's name, because RabbitMQ refuses to redeclare a queue with a different TTL.
+the queue's name, because RabbitMQ refuses to redeclare a queue with a different TTL. A copy of
+an event that another notifier process is delivering right now waits in the first tier too,
+without spending an attempt.
 """
 
 from __future__ import annotations
@@ -43,18 +45,27 @@ def retry_queue_name(delay: int) -> str:
     return f"{NOTIFIER_RETRY_QUEUE_PREFIX}.{delay}ms"
 
 
+def delay_queue_spec(delay: int) -> QueueSpec:
+    return QueueSpec(
+        retry_queue_name(delay),
+        arguments={
+            "x-queue-type": "classic",
+            "x-message-ttl": delay,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": NOTIFIER_QUEUE,
+        },
+    )
+
+
 def retry_queue_specs(max_attempts: int, base_seconds: float) -> dict[int, QueueSpec]:
     """The tier for each failed attempt that may still be retried (1 to max_attempts - 1)."""
-    specs: dict[int, QueueSpec] = {}
-    for failed in range(1, max_attempts):
-        delay = delay_ms(failed, base_seconds)
-        specs[failed] = QueueSpec(
-            retry_queue_name(delay),
-            arguments={
-                "x-queue-type": "classic",
-                "x-message-ttl": delay,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": NOTIFIER_QUEUE,
-            },
-        )
-    return specs
+    return {
+        failed: delay_queue_spec(delay_ms(failed, base_seconds))
+        for failed in range(1, max_attempts)
+    }
+
+
+def claim_wait_spec(base_seconds: float) -> QueueSpec:
+    """Where a copy waits while another notifier holds the event's claim: the first tier's
+    queue (declared even when no retries are configured), so it adds no queue of its own."""
+    return delay_queue_spec(delay_ms(1, base_seconds))

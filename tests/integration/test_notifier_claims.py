@@ -1,0 +1,118 @@
+"""Claims: two notifier processes holding copies of one event send it once, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiosqlite
+import asyncpg
+
+from tests.integration.conftest import BACKOFF, delete_retry_queues
+from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
+from tests.support import event_log, worker_env
+from worker.notifier.store import (
+    AlreadyDelivered,
+    Claimed,
+    ClaimedElsewhere,
+    open_delivery_store,
+)
+from worker.store.sqlite import path_of
+
+PARKED = "another notifier is delivering it; parked"
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_two_processes_with_copies_of_one_event_send_one_mail(
+    amqp_url: str,
+    database_url: str,
+    tmp_path: Path,
+    smtp: SmtpServer,
+    spawn: Callable[..., object],
+) -> None:
+    env = worker_env(
+        amqp_url,
+        database_url,
+        tmp_path / "var",
+        OTP_SMTP_HOST="127.0.0.1",
+        OTP_SMTP_PORT=str(smtp.port),
+        OTP_NOTIFIER_PREFETCH="1",  # the claimant's held copy fills its slot: B gets the other
+        OTP_NOTIFIER_BACKOFF_BASE_SECONDS=str(BACKOFF),
+        OTP_LOG_LEVEL="debug",
+    )
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    for log in logs:
+        spawn("worker.notifier", env, log.name)
+    await _until(lambda: all(p.exists() and "notifier consuming" in p.read_text() for p in logs))
+    smtp.hold_after = 0  # the claimant's DATA waits: its claim stays live meanwhile
+    body = crafted_event("918273")
+    try:
+        async with event_log(amqp_url) as events:
+            await publish_event(amqp_url, body, body)
+            await smtp.wait_for(lambda: smtp.held >= 1)
+            await _until(lambda: any(PARKED in p.read_text() for p in logs))
+            assert smtp.held == 1, "both processes reached the SMTP server"
+            smtp.release(accept=True)
+            # Both copies settle: the claimant's, and the parked one finding it delivered.
+            await events.wait_for(lambda e: len(e.named("code.delivered")) >= 2, timeout=30)
+    finally:
+        await delete_retry_queues(amqp_url)
+    assert len(smtp.mails) == 1
+    assert "918273" in smtp.mails[0].text
+    assert len({d["event_id"] for d in events.named("code.delivered")}) == 1
+
+
+async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) -> None:
+    store = await open_delivery_store(database_url)
+    now = datetime.now(UTC)
+    try:
+        assert await store.claim("e1", "a", now, 10) == Claimed("a")
+        assert await store.claim("e1", "b", now + timedelta(seconds=5), 10) == ClaimedElsewhere()
+        # The claimant died: after the lease, the next copy takes over and sends.
+        assert await store.claim("e1", "b", now + timedelta(seconds=11), 10) == Claimed("b")
+        await store.release("e1", "a")  # a stale claimant cannot drop the new claim
+        assert await store.claim("e1", "c", now + timedelta(seconds=12), 10) == ClaimedElsewhere()
+        await store.mark_delivered("e1", 2, now + timedelta(seconds=13))
+        far = now + timedelta(days=1)
+        assert await store.claim("e1", "d", far, 10) == AlreadyDelivered(2)
+        # A released claim (retry, failure) is free at once.
+        assert await store.claim("e2", "a", now, 10) == Claimed("a")
+        await store.release("e2", "a")
+        assert await store.claim("e2", "b", now, 10) == Claimed("b")
+    finally:
+        await store.close()
+
+
+async def test_rows_of_the_table_before_claims_still_count_as_delivered(
+    database_url: str,
+) -> None:
+    legacy = (
+        "CREATE TABLE deliveries (event_id TEXT PRIMARY KEY,"
+        " delivered_at {time} NOT NULL, attempts INTEGER NOT NULL)"
+    )
+    if database_url.startswith("sqlite:"):
+        Path(path_of(database_url)).parent.mkdir(parents=True, exist_ok=True)
+        async with aiosqlite.connect(path_of(database_url)) as db:
+            await db.execute(legacy.format(time="REAL"))
+            await db.execute("INSERT INTO deliveries VALUES ('old', 1.0, 3)")
+            await db.commit()
+    else:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(legacy.format(time="TIMESTAMPTZ"))
+            await conn.execute("INSERT INTO deliveries VALUES ('old', now(), 3)")
+        finally:
+            await conn.close()
+    store = await open_delivery_store(database_url)
+    try:
+        assert await store.claim("old", "x", datetime.now(UTC), 10) == AlreadyDelivered(3)
+        assert await store.claim("new", "x", datetime.now(UTC), 10) == Claimed("x")
+    finally:
+        await store.close()

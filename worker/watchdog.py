@@ -1,0 +1,117 @@
+"""Keeps one aio-pika consumer alive: aio-pika can come back from a reconnect without it.
+
+aio-pika issues #231 and #626: after some reconnects the robust channel is restored but the
+consumer is not, and the process sits idle while its queue fills. ``ConsumerWatchdog`` owns the
+consumer tag, asks the channel and the broker every ``interval`` seconds whether the consumer
+is still registered, and re-registers it after two failed checks in a row.
+
+The watch loop ends on ``stop()`` by checking an event, not only by being cancelled: on
+Python 3.11 ``asyncio.wait_for`` (used inside aiormq's RPCs and formerly here) returns the
+result instead of raising when a cancellation arrives in the same loop iteration as the reply,
+so a loop that relied on ``task.cancel()`` alone could swallow it and run forever, and whoever
+awaited the task (``Worker.stop()``) hung with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+OnMessage = Callable[[AbstractIncomingMessage], Awaitable[Any]]
+STOP_GRACE_SECONDS = 10.0
+
+
+class ConsumerWatchdog:
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        on_message: OnMessage,
+        connection: AbstractRobustConnection,
+        interval: float,
+    ) -> None:
+        self.queue = queue
+        self._on_message = on_message
+        self._connection = connection
+        self._interval = interval
+        self.tag: str | None = None
+        self.restores = 0
+        self.broker_consumers = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Registers the consumer, then starts watching it."""
+        self.tag = await self.queue.consume(self._on_message)
+        self._task = asyncio.create_task(self._watch(), name=f"watchdog-{self.queue.name}")
+
+    async def consuming(self) -> bool:
+        """True when our consumer is registered on a live channel and the broker counts it."""
+        if self.tag is None or self._connection.is_closed or self.queue.channel.is_closed:
+            return False
+        try:
+            async with asyncio.timeout(2):
+                channel = await self.queue.channel.get_underlay_channel()
+            if self.tag not in getattr(channel, "consumers", {}):
+                return False
+            declared = await channel.queue_declare(self.queue.name, passive=True, timeout=5)
+        except Exception:
+            return False
+        self.broker_consumers = declared.consumer_count or 0
+        return bool(declared.consumer_count)
+
+    async def cancel_consumer(self) -> None:
+        """Stops deliveries (shutdown): the watchdog stops first, so it will not restore them."""
+        await self.stop()
+        if self.tag is not None:
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(self.tag, timeout=5)
+
+    async def stop(self) -> None:
+        """Ends the watch loop; idempotent. Cancels it only if it does not end on its own."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+        if not done:
+            log.warning("consumer watchdog did not stop; cancelling it")
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleeps, or returns early when stopping; True means keep going."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        return not self._stop.is_set()
+
+    async def _watch(self) -> None:
+        while await self._pause(self._interval):
+            if not self._connection.connected.is_set() or await self.consuming():
+                continue
+            if not await self._pause(self._interval / 2):
+                return
+            if not self._connection.connected.is_set() or await self.consuming():
+                continue
+            if self._stop.is_set():
+                return
+            await self._restore()
+
+    async def _restore(self) -> None:
+        log.warning("consumer lost; restoring it", queue=self.queue.name)
+        if self.tag is not None:
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(self.tag, timeout=5)
+        try:
+            self.tag = await self.queue.consume(self._on_message, timeout=10)
+            self.restores += 1
+        except Exception as exc:
+            log.warning("consumer restore failed; will retry", error=repr(exc))
