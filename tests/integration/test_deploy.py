@@ -6,6 +6,7 @@ rabbitmqctl into a fresh vhost (user names get a random suffix: users are broker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -50,7 +51,7 @@ def broker_users() -> Iterator[dict[str, str]]:
     vhost = f"otp-deploy-{suffix}"
     rabbitmqctl("add_vhost", vhost)
     names = {p["user"]: f"{p['user']}-{suffix}" for p in DEFINITIONS["permissions"]}
-    passwords = {user: secrets.token_urlsafe(16) for user in names}
+    passwords = {user: secrets.token_hex(16) for user in names}  # never a leading "-"
 
     def add(permission: dict[str, str]) -> None:
         user = permission["user"]
@@ -292,3 +293,42 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     used = {name for expr in exprs for name in re.findall(r"\botp_[a-z_]+", expr)}
     assert used
     assert used <= exported, used - exported
+
+
+async def test_notifier_runs_with_only_the_notifier_users_rights(
+    broker_users: dict[str, str], worker_as_worker_user: Worker, database_url: str, tmp_path: Path
+) -> None:
+    """The notifier declares its topology, consumes, delivers and reports as otp-notifier."""
+    from worker.notifier.app import Notifier
+
+    settings = make_settings(
+        broker_users["notifier"], database_url, tmp_path, notifier_console=True
+    )
+    notifier = Notifier(settings, Keys(settings, need_secret=False))
+    await notifier.start()
+    try:
+        events = await aio_pika.connect(broker_users["subscriber"])
+        channel = await events.channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind("otp.events", "code.delivered")
+        arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if not arrived.done():
+                arrived.set_result(message.body)
+
+        await queue.consume(on_event, no_ack=True)
+        producer = await aio_pika.connect(broker_users["producer"])
+        issued = await call(
+            await producer.channel(),
+            "code.issue",
+            {"command_id": "n1", "user": "n", "client": "test-app", "channel": "email"}
+            | {"destination": "n@example.org"},
+        )
+        assert issued["status"] == "issued"
+        delivered = await asyncio.wait_for(arrived, 20)
+        assert json.loads(delivered)["code_id"] == issued["code_id"]
+        await producer.close()
+        await events.close()
+    finally:
+        await notifier.stop()

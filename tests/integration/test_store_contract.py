@@ -155,7 +155,7 @@ async def test_sweep_deletes_old_rows_in_limited_batches(store: Store) -> None:
 
 
 async def test_stores_opening_together_migrate_once(database_url: str) -> None:
-    stores = await asyncio.gather(*(open_store(database_url) for _ in range(3)))
+    stores = await asyncio.gather(*(open_store(database_url) for _ in range(6)))
     try:
         await asyncio.gather(*(s.ping() for s in stores))
     finally:

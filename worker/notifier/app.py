@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime, timedelta
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from contracts.topology import DEAD_LETTERS, EVENTS_EXCHANGE
-from worker.amqp import declare_exchanges, declare_queue
+from contracts.topology import DEAD_LETTER, EVENTS, EVENTS_EXCHANGE
+from worker.amqp import connect, declare_exchange, declare_queue
 from worker.domain.sealing import Sealer
 from worker.log import get_logger
 from worker.metrics import MetricsServer, NotifierMetrics
@@ -100,14 +99,15 @@ class Notifier:
             self.metrics_port = await self.metrics_server.start(s.metrics_host, s.metrics_port)
         self.store = await open_delivery_store(s.database_url)
         deliverer = self._build_deliverer(self.store)
-        self.connection = await aio_pika.connect_robust(
-            s.amqp_url, client_properties={"connection_name": "otp-notifier"}
-        )
+        self.connection = await connect(s.amqp_url, "otp-notifier")
         publish = await self.connection.channel(publisher_confirms=True)
         consume = await self.connection.channel(publisher_confirms=False)
         await consume.set_qos(prefetch_count=s.notifier_prefetch)
-        exchanges = await declare_exchanges(publish)
-        await declare_queue(publish, DEAD_LETTERS)
+        # Only what the notifier uses, so it runs as the least-privilege otp-notifier user:
+        # the otp.dead-letter queue (and its binding) is the worker's to declare.
+        exchanges = {
+            spec.name: await declare_exchange(publish, spec) for spec in (EVENTS, DEAD_LETTER)
+        }
         specs = retry_queue_specs(s.notifier_max_attempts, s.notifier_backoff_base_seconds)
         for failed, spec in specs.items():
             await declare_queue(publish, spec)

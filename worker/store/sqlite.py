@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,11 +216,11 @@ class SqliteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None, timeout=30.0)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={synchronous}")
             await db.execute("PRAGMA busy_timeout=30000")
             store = cls(db, outbox_lease_seconds)
-            await store._migrate()
+            await _with_retries(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            await db.execute(f"PRAGMA synchronous={synchronous}")
+            await _with_retries(store._migrate)
         except BaseException:
             await db.close()
             raise
@@ -339,6 +339,19 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+
+async def _with_retries(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:
+    """Switching to WAL and migrating need locks that SQLite refuses at once, without its
+    busy handler, while other processes open the same new file: retry those briefly."""
+    for attempt in range(attempts):
+        try:
+            await step()
+            return
+        except (sqlite3.OperationalError, TransientStoreError) as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(min(0.02 * (attempt + 1), 0.5))
 
 
 def _statements(script: str) -> list[str]:
