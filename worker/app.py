@@ -193,9 +193,11 @@ class Worker:
             await self.relay.stop()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: on Python 3.11 a cancel landing with a broker reply can be swallowed.
+            _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            if stuck:
+                log.warning("tasks did not stop in time", tasks=[t.get_name() for t in stuck])
         self._tasks.clear()
         if self.connection is not None:
             with contextlib.suppress(Exception):
