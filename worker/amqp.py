@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq import spec
 
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
 
@@ -97,3 +99,51 @@ def copy_message(
         type=message.type,
         app_id=message.app_id,
     )
+
+
+def json_properties(
+    *,
+    type: str,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    persistent: bool = True,
+) -> spec.Basic.Properties:
+    """The properties of ``json_message``, for ``Publisher``."""
+    return spec.Basic.Properties(
+        content_type="application/json",
+        message_id=message_id or str(uuid.uuid4()),
+        correlation_id=correlation_id,
+        message_type=type,
+        timestamp=datetime.now(UTC),
+        delivery_mode=2 if persistent else 1,
+    )
+
+
+class Publisher:
+    """Publishes a body with its properties through the channel's AMQP layer (aiormq).
+
+    aio-pika's ``Message`` guards every attribute it sets and costs tens of microseconds to
+    build; on the hot paths (a reply and an event for every command) that was about a tenth
+    of the worker's CPU. The channel stays aio-pika's robust one: after a reconnect,
+    ``get_underlay_channel`` waits for the restored channel, as ``Exchange.publish`` does.
+    On a channel with publisher confirms the call returns once the broker confirmed, and a
+    nack raises ``aiormq.exceptions.DeliveryError``.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        timeout: float,
+    ) -> None:
+        async with asyncio.timeout(timeout):
+            underlay = await self._channel.get_underlay_channel()
+            await underlay.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties
+            )

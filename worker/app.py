@@ -19,10 +19,9 @@ from contracts.topology import (
     COMMAND_QUEUE_SPEC,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTERS,
-    EVENTS_EXCHANGE,
     UNDELIVERABLE,
 )
-from worker.amqp import connect, declare_exchanges, declare_queue
+from worker.amqp import Publisher, connect, declare_exchanges, declare_queue
 from worker.consumer import CommandConsumer, Observer
 from worker.domain.codes import CodeHasher
 from worker.domain.sealing import Sealer
@@ -88,7 +87,7 @@ class Worker:
 
         self.relay = OutboxRelay(
             self.store,
-            exchanges[EVENTS_EXCHANGE],
+            Publisher(publish),
             publish_timeout=s.publish_timeout_seconds,
             lease_seconds=s.outbox_lease_seconds,
         )
@@ -105,7 +104,7 @@ class Worker:
             store=self.store,
             handler=CommandHandler(s.policy(), crypto),
             policy=s.policy(),
-            replies=replies.default_exchange,
+            replies=Publisher(replies),
             dead_letters=exchanges[DEAD_LETTER_EXCHANGE],
             relay=self.relay,
             batch_size=s.batch_size,

@@ -22,7 +22,7 @@ import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from contracts.replies import ConfirmResult, IssueResult
-from worker.amqp import json_message
+from worker.amqp import Publisher, json_properties
 from worker.domain.model import Policy
 from worker.log import get_logger
 from worker.parking import park
@@ -55,7 +55,7 @@ class CommandConsumer:
         store: Store,
         handler: CommandHandler,
         policy: Policy,
-        replies: AbstractExchange,
+        replies: Publisher,
         dead_letters: AbstractExchange,
         relay: OutboxRelay,
         batch_size: int,
@@ -206,14 +206,12 @@ class CommandConsumer:
         if not message.reply_to:
             return
         await self._replies.publish(
-            json_message(
-                orjson.dumps(reply),
-                type=reply_type,
-                correlation_id=message.correlation_id,
-                persistent=False,
+            "",
+            message.reply_to,
+            orjson.dumps(reply),
+            json_properties(
+                type=reply_type, correlation_id=message.correlation_id, persistent=False
             ),
-            routing_key=message.reply_to,
-            mandatory=False,
             timeout=self._timeout,
         )
 

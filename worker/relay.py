@@ -12,9 +12,8 @@ import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from aio_pika.abc import AbstractExchange
-
-from worker.amqp import json_message
+from contracts.topology import EVENTS_EXCHANGE
+from worker.amqp import Publisher, json_properties
 from worker.log import get_logger
 from worker.store.base import OutboxRow, Store
 
@@ -25,14 +24,14 @@ class OutboxRelay:
     def __init__(
         self,
         store: Store,
-        exchange: AbstractExchange,
+        publisher: Publisher,
         *,
         publish_timeout: float,
         lease_seconds: float,
         batch_size: int = 500,
     ) -> None:
         self._store = store
-        self._exchange = exchange
+        self._publisher = publisher
         self._timeout = publish_timeout
         self._lease = lease_seconds
         self._batch_size = batch_size
@@ -112,10 +111,11 @@ class OutboxRelay:
 
     async def _publish_one(self, row: OutboxRow) -> bool:
         event = row.event
-        await self._exchange.publish(
-            json_message(event.body, type=event.type, message_id=event.event_id),
-            routing_key=event.routing_key,
-            mandatory=False,
+        await self._publisher.publish(
+            EVENTS_EXCHANGE,
+            event.routing_key,
+            event.body,
+            json_properties(type=event.type, message_id=event.event_id),
             timeout=self._timeout,
         )
         return True

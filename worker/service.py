@@ -65,13 +65,13 @@ def destination_key(crypto: Crypto, command: IssueCode) -> str | None:
     return crypto.hasher.pseudonym("destination", command.destination.strip().lower())
 
 
-def lock_keys(commands: Sequence[Command], crypto: Crypto) -> list[str]:
+def lock_keys(commands: Sequence[Command], destinations: dict[int, str | None]) -> list[str]:
     keys: set[str] = set()
     for command in commands:
         keys.add(f"command:{kind_of(command)}:{command.command_id}")
         keys.add(f"scope:{scope_key(scope_of(command))}")
         keys.add(f"user:{command.user}")
-        if isinstance(command, IssueCode) and (dest := destination_key(crypto, command)):
+        if dest := destinations.get(id(command)):
             keys.add(f"destination:{dest}")
     return sorted(keys)
 
@@ -82,10 +82,16 @@ class _BatchState:
     scope_sends: dict[str, list[datetime]]
     destination_sends: dict[str, list[datetime]]
     streaks: dict[str, FailureStreak]
+    destinations: dict[int, str | None]
+    """Destination pseudonyms by id() of the command: an HMAC each, computed once."""
     writes: Writes = field(default_factory=Writes)
 
 
 class CommandHandler:
+    """Builds events and replies with ``model_construct``: every value comes from a validated
+    command or from the domain, so validating again would only cost time on the hot path
+    (tests/unit/test_handler.py parses what it produces with the contract's models)."""
+
     def __init__(self, policy: Policy, crypto: Crypto) -> None:
         self.policy = policy
         self.crypto = crypto
@@ -93,7 +99,10 @@ class CommandHandler:
     async def handle_batch(
         self, tx: Transaction, commands: Sequence[Command], now: datetime
     ) -> tuple[list[Handled], list[OutboxRow]]:
-        await tx.lock(lock_keys(commands, self.crypto))
+        destinations = {
+            id(c): destination_key(self.crypto, c) for c in commands if isinstance(c, IssueCode)
+        }
+        await tx.lock(lock_keys(commands, destinations))
         keys: list[ReplyKey] = [(kind_of(c), c.command_id) for c in commands]
         stored = await tx.load_replies(keys)
         fresh = [c for c, key in zip(commands, keys, strict=True) if key not in stored]
@@ -101,7 +110,7 @@ class CommandHandler:
         sends = (
             await tx.load_sends(
                 {scope_key(scope_of(c)) for c in issues},
-                {d for c in issues if (d := destination_key(self.crypto, c))},
+                {d for c in issues if (d := destinations[id(c)])},
                 now - self.policy.send_window,
             )
             if issues
@@ -112,6 +121,7 @@ class CommandHandler:
             scope_sends=sends.by_scope if sends else {},
             destination_sends=sends.by_destination if sends else {},
             streaks=await tx.load_streaks({c.user for c in fresh}),
+            destinations=destinations,
         )
         handled = []
         for command, key in zip(commands, keys, strict=True):
@@ -146,7 +156,7 @@ class CommandHandler:
         policy, crypto = self.policy, self.crypto
         scope = scope_of(command)
         skey = scope_key(scope)
-        dkey = destination_key(crypto, command)
+        dkey = state.destinations[id(command)]
         history = SendHistory(
             scope_sends=state.scope_sends.get(skey, ()),
             destination_sends=state.destination_sends.get(dkey, ()) if dkey else (),
@@ -155,7 +165,7 @@ class CommandHandler:
         key: ReplyKey = ("issue", command.command_id)
         wait = retry_after(policy, now, history)
         if wait is not None:
-            reply = IssueResult(
+            reply = IssueResult.model_construct(
                 command_id=command.command_id, status="rate_limited", retry_after_seconds=wait
             ).to_wire()
             self._remember(state, key, reply, None)
@@ -195,7 +205,7 @@ class CommandHandler:
         state.writes.sends.append(Send(skey, dkey, now))
         self._stage(
             state,
-            CodeIssued(
+            CodeIssued.model_construct(
                 event_id=str(uuid.uuid4()),
                 occurred_at=now,
                 code_id=record.code_id,
@@ -211,7 +221,7 @@ class CommandHandler:
                 sealed_code=sealed,
             ),
         )
-        reply = IssueResult(
+        reply = IssueResult.model_construct(
             command_id=command.command_id,
             status="issued",
             code_id=record.code_id,
@@ -245,7 +255,7 @@ class CommandHandler:
                 state.streaks[command.user] = after
         target = outcome.record
         if target is not None and outcome.event is not None:
-            common = {
+            common: dict[str, Any] = {
                 "event_id": str(uuid.uuid4()),
                 "occurred_at": now,
                 "code_id": target.code_id,
@@ -254,20 +264,24 @@ class CommandHandler:
                 "purpose": scope.purpose,
             }
             if outcome.event == "code.confirmed":
-                self._stage(state, CodeConfirmed(**common, attempts_used=target.attempts))
+                self._stage(
+                    state, CodeConfirmed.model_construct(**common, attempts_used=target.attempts)
+                )
             elif outcome.event == "code.locked":
-                self._stage(state, CodeLocked(**common, attempts_used=target.attempts))
+                self._stage(
+                    state, CodeLocked.model_construct(**common, attempts_used=target.attempts)
+                )
             else:
                 self._stage(
                     state,
-                    CodeAttemptFailed(
+                    CodeAttemptFailed.model_construct(
                         **common,
                         reason="expired" if outcome.status == "expired" else "invalid",
                         attempts_left=outcome.attempts_left or 0,
                     ),
                 )
         code_id = record.code_id if record is not None else None
-        reply = ConfirmResult(
+        reply = ConfirmResult.model_construct(
             command_id=command.command_id,
             status=outcome.status,
             code_id=code_id,
