@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from aiormq.exceptions import AMQPConnectionError
 
 from worker.log import configure, get_logger
+from worker.log import flush as flush_logs
 from worker.settings import ConfigError, Keys, load_settings
 
 
@@ -29,7 +30,7 @@ async def _serve() -> None:
     from worker.app import Worker
 
     settings = load_settings()
-    configure(settings.log_format, settings.log_level)
+    configure(settings.log_format, settings.log_level, buffered=True)
     worker = Worker(settings, Keys(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -39,14 +40,19 @@ async def _serve() -> None:
         await worker.start()
     except (OSError, AMQPConnectionError) as exc:
         await worker.stop()
+        flush_logs()
         raise StartupError(
             f"cannot reach the broker at {broker_address(settings.amqp_url)}: {exc}"
         ) from None
     try:
-        await stop.wait()
+        while not stop.is_set():  # lines logged between batches go out within a moment
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+            flush_logs()
     finally:
         get_logger("worker").info("stopping")
         await worker.stop()
+        flush_logs()
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:

@@ -22,6 +22,7 @@ import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from contracts.replies import ConfirmResult, IssueResult
+from worker import log as log_lines
 from worker.amqp import Publisher, json_properties
 from worker.domain.model import Policy
 from worker.log import get_logger
@@ -112,6 +113,7 @@ class CommandConsumer:
         try:
             await asyncio.gather(*(step() for step in prepared.steps))
             await prepared.settlement.flush()
+            log_lines.flush()
         except Exception:
             log.exception("finishing a batch failed; its commands are requeued")
             await requeue_all(batch)
