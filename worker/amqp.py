@@ -58,30 +58,6 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
     return queue
 
 
-def json_message(
-    body: bytes,
-    *,
-    type: str,
-    message_id: str | None = None,
-    correlation_id: str | None = None,
-    persistent: bool = True,
-    headers: dict[str, Any] | None = None,
-) -> aio_pika.Message:
-    """Every message the service publishes carries these properties (CONTRACT §2)."""
-    return aio_pika.Message(
-        body,
-        content_type="application/json",
-        message_id=message_id or str(uuid.uuid4()),
-        correlation_id=correlation_id,
-        type=type,
-        timestamp=datetime.now(UTC),
-        delivery_mode=(
-            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
-        ),
-        headers=headers,
-    )
-
-
 def copy_message(
     message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]
 ) -> aio_pika.Message:
@@ -107,8 +83,9 @@ def json_properties(
     message_id: str | None = None,
     correlation_id: str | None = None,
     persistent: bool = True,
+    headers: dict[str, Any] | None = None,
 ) -> spec.Basic.Properties:
-    """The properties of ``json_message``, for ``Publisher``."""
+    """Every message the service publishes carries these properties (CONTRACT §2)."""
     return spec.Basic.Properties(
         content_type="application/json",
         message_id=message_id or str(uuid.uuid4()),
@@ -116,6 +93,7 @@ def json_properties(
         message_type=type,
         timestamp=datetime.now(UTC),
         delivery_mode=2 if persistent else 1,
+        headers=headers,
     )
 
 

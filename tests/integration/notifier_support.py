@@ -20,7 +20,7 @@ from aiosmtpd.controller import Controller
 
 from contracts.topology import EVENTS_EXCHANGE
 from tests.support import TEST_DELIVERY_KEY
-from worker.amqp import json_message
+from worker.amqp import Publisher, json_properties
 from worker.domain.sealing import Sealer
 
 
@@ -179,11 +179,14 @@ async def publish_event(url: str, *bodies: dict[str, Any]) -> None:
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        await channel.get_exchange(EVENTS_EXCHANGE)  # it exists: the worker declared it
+        publisher = Publisher(channel)
         for body in bodies:
-            await exchange.publish(
-                json_message(orjson.dumps(body), type=body["event"], message_id=body["event_id"]),
-                routing_key=body["event"],
+            await publisher.publish(
+                EVENTS_EXCHANGE,
+                body["event"],
+                orjson.dumps(body),
+                json_properties(type=body["event"], message_id=body["event_id"]),
                 timeout=10,
             )
     finally:

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from contracts.topology import DEAD_LETTER, EVENTS, EVENTS_EXCHANGE
-from worker.amqp import connect, declare_exchange, declare_queue
+from contracts.topology import DEAD_LETTER, EVENTS
+from worker.amqp import Publisher, connect, declare_exchange, declare_queue
 from worker.domain.sealing import Sealer
 from worker.log import get_logger
 from worker.metrics import MetricsServer, NotifierMetrics
@@ -105,9 +105,8 @@ class Notifier:
         await consume.set_qos(prefetch_count=s.notifier_prefetch)
         # Only what the notifier uses, so it runs as the least-privilege otp-notifier user:
         # the otp.dead-letter queue (and its binding) is the worker's to declare.
-        exchanges = {
-            spec.name: await declare_exchange(publish, spec) for spec in (EVENTS, DEAD_LETTER)
-        }
+        for exchange in (EVENTS, DEAD_LETTER):
+            await declare_exchange(publish, exchange)
         specs = retry_queue_specs(s.notifier_max_attempts, s.notifier_backoff_base_seconds)
         for failed, spec in specs.items():
             await declare_queue(publish, spec)
@@ -116,8 +115,7 @@ class Notifier:
         await declare_queue(publish, claim_wait)
         self._handler = MessageHandler(
             deliverer=deliverer,
-            events=exchanges[EVENTS_EXCHANGE],
-            publish=publish,
+            publisher=Publisher(publish),
             retry_queues=self._retry_queues,
             claim_wait_queue=claim_wait.name,
             publish_timeout=s.publish_timeout_seconds,

@@ -14,12 +14,12 @@ import uuid
 from datetime import UTC, datetime
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from contracts.events import CodeDelivered, CodeDeliveryFailed, CodeIssued
-from contracts.topology import event_routing_key
-from worker.amqp import json_message
+from contracts.topology import EVENTS_EXCHANGE, event_routing_key
+from worker.amqp import Publisher, json_properties
 from worker.log import get_logger
 from worker.notifier.delivery import Busy, Delivered, Deliverer, Failed, Outcome, Retry, Skip
 from worker.notifier.retry import ATTEMPT_HEADER
@@ -39,15 +39,13 @@ class MessageHandler:
         self,
         *,
         deliverer: Deliverer,
-        events: AbstractExchange,
-        publish: AbstractChannel,
+        publisher: Publisher,
         retry_queues: dict[int, str],
         claim_wait_queue: str,
         publish_timeout: float,
     ) -> None:
         self._deliverer = deliverer
-        self._events = events
-        self._publish = publish
+        self._publisher = publisher
         self._retry_queues = retry_queues
         self._claim_wait_queue = claim_wait_queue
         self._timeout = publish_timeout
@@ -113,24 +111,25 @@ class MessageHandler:
         await message.ack()
 
     async def _publish_outcome(self, event: CodeDelivered | CodeDeliveryFailed) -> None:
-        await self._events.publish(
-            json_message(
-                event.model_dump_json().encode(), type=event.event, message_id=event.event_id
-            ),
-            routing_key=event_routing_key(event.event),
+        await self._publisher.publish(
+            EVENTS_EXCHANGE,
+            event_routing_key(event.event),
+            event.model_dump_json().encode(),
+            json_properties(type=event.event, message_id=event.event_id),
             timeout=self._timeout,
         )
 
     async def _park(self, message: AbstractIncomingMessage, queue: str, next_attempt: int) -> None:
         """The original body (sealed code only) waits in a delay queue, then comes back."""
-        await self._publish.default_exchange.publish(
-            json_message(
-                message.body,
+        await self._publisher.publish(
+            "",
+            queue,
+            message.body,
+            json_properties(
                 type=message.type or "code.issued",
                 message_id=message.message_id,
                 headers={ATTEMPT_HEADER: next_attempt},
             ),
-            routing_key=queue,
             timeout=self._timeout,
         )
 
