@@ -76,6 +76,9 @@ class CommandConsumer:
         self._clock = clock
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._finishing: asyncio.Task[None] | None = None
+        self._open_batches = 0
+        """Taken from the inbox and not yet finished: counted, because batch N+1 is already
+        being prepared while batch N finishes."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -89,6 +92,7 @@ class CommandConsumer:
                 batch = [await self._inbox.get()]
                 while len(batch) < self._batch_size and not self._inbox.empty():
                     batch.append(self._inbox.get_nowait())
+                self._open_batches += 1
                 try:
                     prepared = await self._prepare(batch)
                 except asyncio.CancelledError:
@@ -118,7 +122,8 @@ class CommandConsumer:
             log.exception("finishing a batch failed; its commands are requeued")
             await requeue_all(batch)
         finally:
-            if self._inbox.empty() and asyncio.current_task() is self._finishing:
+            self._open_batches -= 1
+            if self._open_batches == 0 and self._inbox.empty():
                 self._idle.set()
 
     async def _prepare(self, batch: Sequence[AbstractIncomingMessage]) -> _Prepared:
