@@ -40,7 +40,6 @@ class OutboxRelay:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self.published = 0
 
     def submit(self, rows: Sequence[OutboxRow]) -> None:
         if rows:
@@ -106,7 +105,6 @@ class OutboxRelay:
         if failed:
             log.warning("events not confirmed; kept for retry", count=failed)
         await self._store.delete_outbox(done)
-        self.published += len(done)
         return len(done)
 
     async def _publish_one(self, row: OutboxRow) -> bool:
