@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from contracts.replies import ConfirmResult, IssueResult
 from worker import log as log_lines
-from worker.amqp import Publisher, json_properties
+from worker.amqp import Outgoing, Publisher, json_properties
 from worker.domain.model import Policy
 from worker.log import get_logger
 from worker.parking import park
@@ -193,8 +193,11 @@ class CommandConsumer:
         settlement: Settlement,
     ) -> None:
         self._relay.submit(rows)
+        now = datetime.now(UTC)
+        replies: list[Outgoing] = []
         for (message, command), outcome in zip(valid, handled, strict=True):
-            await self._send_reply(message, outcome.reply, outcome.reply_type)
+            if message.reply_to:
+                replies.append(self._reply(message, outcome.reply, outcome.reply_type, now))
             settlement.ack(message)
             log.info(
                 "command handled",
@@ -206,21 +209,17 @@ class CommandConsumer:
             )
             if self._observe:
                 self._observe(message.routing_key or "", outcome, started)
+        await self._replies.publish_many(replies, timeout=self._timeout)
 
-    async def _send_reply(
-        self, message: AbstractIncomingMessage, reply: dict[str, Any], reply_type: str
-    ) -> None:
-        if not message.reply_to:
-            return
-        await self._replies.publish(
-            "",
-            message.reply_to,
-            orjson.dumps(reply),
-            json_properties(
-                type=reply_type, correlation_id=message.correlation_id, persistent=False
-            ),
-            timeout=self._timeout,
+    @staticmethod
+    def _reply(
+        message: AbstractIncomingMessage, reply: dict[str, Any], reply_type: str, now: datetime
+    ) -> Outgoing:
+        assert message.reply_to
+        properties = json_properties(
+            type=reply_type, correlation_id=message.correlation_id, persistent=False, timestamp=now
         )
+        return "", message.reply_to, orjson.dumps(reply), properties
 
     async def _reject(
         self,
@@ -248,7 +247,9 @@ class CommandConsumer:
             return
         model = IssueResult if rejection.kind == "issue" else ConfirmResult
         reply = model(command_id=rejection.command_id, status="rejected", error=rejection.error)
-        await self._send_reply(message, reply.to_wire(), model.__name__)
+        if message.reply_to:
+            outgoing = self._reply(message, reply.to_wire(), model.__name__, datetime.now(UTC))
+            await self._replies.publish_many([outgoing], timeout=self._timeout)
         settlement.ack(message)
         if self._observe:
             self._observe(message.routing_key or "", rejection, started)
