@@ -80,16 +80,29 @@ class OutboxRelay:
                 await self._task
 
     async def _run(self) -> None:
+        """Publishes what is submitted as it comes; every half lease, claims leftovers.
+
+        Leftovers are only rows whose publish failed or whose process died, and their
+        lease must run out first, so scanning more often would find nothing: it would
+        only cost a write transaction per pass."""
+        loop = asyncio.get_running_loop()
+        interval = self._lease / 2
+        next_scan = loop.time() + interval
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for's inner task could
+            # swallow the cancel of stop() when the timeout had already run out.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._lease / 2)
+                async with asyncio.timeout_at(next_scan):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 while self._pending:
                     rows, self._pending = self._pending, []
                     await self._publish(rows)
                 self._idle.set()
-                await self.relay_leftovers()
+                if loop.time() >= next_scan:
+                    next_scan = loop.time() + interval
+                    await self.relay_leftovers()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the relay must outlive any single failure
@@ -97,23 +110,22 @@ class OutboxRelay:
                 self._idle.set()
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> int:
-        results = await asyncio.gather(
-            *(self._publish_one(row) for row in rows), return_exceptions=True
-        )
-        done = [row.id for row, ok in zip(rows, results, strict=True) if ok is True]
-        failed = len(rows) - len(done)
-        if failed:
-            log.warning("events not confirmed; kept for retry", count=failed)
-        await self._store.delete_outbox(done)
-        return len(done)
-
-    async def _publish_one(self, row: OutboxRow) -> bool:
-        event = row.event
-        await self._publisher.publish(
-            EVENTS_EXCHANGE,
-            event.routing_key,
-            event.body,
-            json_properties(type=event.type, message_id=event.event_id),
+        outcomes = await self._publisher.publish_confirmed(
+            [
+                (
+                    EVENTS_EXCHANGE,
+                    row.event.routing_key,
+                    row.event.body,
+                    json_properties(type=row.event.type, message_id=row.event.event_id),
+                )
+                for row in rows
+            ],
             timeout=self._timeout,
         )
-        return True
+        done = [row.id for row, error in zip(rows, outcomes, strict=True) if error is None]
+        failed = len(rows) - len(done)
+        if failed:
+            error = next(e for e in outcomes if e is not None)
+            log.warning("events not confirmed; kept for retry", count=failed, error=repr(error))
+        await self._store.forget_outbox(done)
+        return len(done)

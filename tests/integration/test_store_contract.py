@@ -128,6 +128,44 @@ async def test_delete_outbox(store: Store) -> None:
     assert [row.id for row in remaining] == ids[2:]
 
 
+async def test_forgotten_outbox_rows_are_never_claimed_again(store: Store) -> None:
+    ids = await write(store, Writes(events=[event(n) for n in range(4)]))
+    await store.forget_outbox(ids[:3])
+    await store.forget_outbox([])
+    remaining = await store.claim_outbox(NOW, 1, 10, ignore_leases=True)
+    assert [row.id for row in remaining] == ids[3:]
+    assert await store.outbox_backlog() == 1
+
+
+async def test_forgotten_outbox_rows_go_without_another_write(
+    store: Store, database_url: str
+) -> None:
+    """Seen from a second store (another process): the rows go on their own, and soon."""
+    ids = await write(store, Writes(events=[event(n) for n in range(2)]))
+    other = await open_store(database_url, outbox_lease_seconds=LEASE)
+    try:
+        assert await other.outbox_backlog() == 2
+        await store.forget_outbox(ids)
+        async with asyncio.timeout(10):
+            while await other.outbox_backlog():
+                await asyncio.sleep(0.05)
+    finally:
+        await other.close()
+
+
+async def test_forgotten_outbox_rows_are_deleted_by_close(database_url: str) -> None:
+    first = await open_store(database_url, outbox_lease_seconds=LEASE)
+    ids = await write(first, Writes(events=[event(n) for n in range(3)]))
+    await first.forget_outbox(ids[1:])
+    await first.close()
+    reopened = await open_store(database_url, outbox_lease_seconds=LEASE)
+    try:
+        remaining = await reopened.claim_outbox(NOW, 1, 10, ignore_leases=True)
+        assert [row.id for row in remaining] == ids[:1]
+    finally:
+        await reopened.close()
+
+
 async def test_sweep_deletes_old_rows_in_limited_batches(store: Store) -> None:
     old = NOW - timedelta(hours=2)
     await write(

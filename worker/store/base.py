@@ -105,6 +105,11 @@ class Store(Protocol):
 
     async def delete_outbox(self, ids: Collection[int]) -> None: ...
 
+    async def forget_outbox(self, ids: Collection[int]) -> None:
+        """Relayed rows: deleted now or with the store's next write, but before any later
+        ``claim_outbox`` sees them. Rows not yet deleted when the process dies are relayed
+        again (at-least-once)."""
+
     async def outbox_backlog(self) -> int: ...
 
     async def outbox_oldest(self) -> datetime | None:

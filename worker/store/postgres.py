@@ -314,6 +314,10 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
 
+    async def forget_outbox(self, ids: Collection[int]) -> None:
+        """Relayed rows: deleted at once, since the pool's connections write concurrently."""
+        await self.delete_outbox(ids)
+
     async def outbox_backlog(self) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM outbox"))

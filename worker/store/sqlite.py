@@ -8,6 +8,7 @@ attempt counting exact across worker processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import aiosqlite
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
+from worker.log import get_logger
 from worker.store.base import (
     OutboxEvent,
     OutboxRow,
@@ -29,6 +31,8 @@ from worker.store.base import (
 )
 from worker.store.keys import scope_key
 from worker.store.migrations import migrations
+
+log = get_logger(__name__)
 
 _CODE_COLUMNS = (
     "scope_key, user, client, purpose, code_id, key_id, digest, sealed, "
@@ -201,11 +205,19 @@ class SqliteTransaction:
         return [OutboxRow(row[0], event) for row, event in zip(rows, writes.events, strict=True)]
 
 
+FORGET_DELAY_SECONDS = 0.5
+"""How long relayed outbox rows may wait for a write transaction to delete them in."""
+_DELETE_CHUNK = 10_000  # below SQLite's limit on bound parameters
+
+
 class SqliteStore:
     def __init__(self, db: aiosqlite.Connection, outbox_lease_seconds: float) -> None:
         self._db = db
         self._lock = asyncio.Lock()
         self._lease = outbox_lease_seconds
+        self._forgotten: list[int] = []
+        """Relayed outbox rows, deleted first thing in the next write transaction."""
+        self._forget_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -246,16 +258,25 @@ class SqliteStore:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise TransientStoreError(str(exc)) from exc
+            forgotten, self._forgotten = self._forgotten, []
             try:
+                await self._delete_outbox(forgotten)
                 yield self._db
             except BaseException:
+                self._forgotten[:0] = forgotten
                 await self._db.execute("ROLLBACK")
                 raise
             try:
                 await self._db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
+                self._forgotten[:0] = forgotten
                 await self._db.execute("ROLLBACK")
                 raise TransientStoreError(str(exc)) from exc
+
+    async def _delete_outbox(self, ids: Sequence[int]) -> None:
+        for start in range(0, len(ids), _DELETE_CHUNK):
+            chunk = ids[start : start + _DELETE_CHUNK]
+            await self._db.execute(f"DELETE FROM outbox WHERE id IN ({_marks(len(chunk))})", chunk)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
@@ -291,15 +312,45 @@ class SqliteStore:
     async def delete_outbox(self, ids: Collection[int]) -> None:
         if not ids:
             return
-        async with self._write() as db:
-            await db.execute(f"DELETE FROM outbox WHERE id IN ({_marks(len(ids))})", list(ids))
+        async with self._write():
+            await self._delete_outbox(list(ids))
+
+    async def forget_outbox(self, ids: Collection[int]) -> None:
+        """Deletes relayed rows in the next write transaction, not in one of their own.
+
+        SQLite has one writer: a transaction (and a synchronous commit) per relay pass would
+        hold up the command batches. If no write comes within ``FORGET_DELAY_SECONDS`` the
+        rows are deleted on their own. Should the process die first, they are relayed again
+        (the event stream is at-least-once; ``event_id`` tells the copies apart).
+        """
+        if not ids:
+            return
+        self._forgotten.extend(ids)
+        if self._forget_task is None:
+            self._forget_task = asyncio.create_task(self._flush_forgotten_later())
+
+    async def _flush_forgotten_later(self) -> None:
+        try:
+            await asyncio.sleep(FORGET_DELAY_SECONDS)
+            await self._flush_forgotten()
+        except Exception as exc:  # kept: the next write transaction deletes them
+            log.warning("deleting relayed outbox rows failed; retried later", error=repr(exc))
+        finally:
+            self._forget_task = None
+
+    async def _flush_forgotten(self) -> None:
+        if self._forgotten:
+            async with self._write():
+                pass  # every write transaction starts by deleting them
 
     async def outbox_backlog(self) -> int:
+        await self._flush_forgotten()
         async with self._lock:
             rows = list(await self._db.execute_fetchall("SELECT count(*) FROM outbox"))
         return int(rows[0][0])
 
     async def outbox_oldest(self) -> datetime | None:
+        await self._flush_forgotten()
         async with self._lock:
             rows = list(await self._db.execute_fetchall("SELECT min(created_at) FROM outbox"))
         return None if rows[0][0] is None else _dt(rows[0][0])
@@ -341,7 +392,14 @@ class SqliteStore:
             await self._db.execute_fetchall("SELECT 1")
 
     async def close(self) -> None:
-        await self._db.close()
+        if self._forget_task is not None:
+            self._forget_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forget_task
+        try:
+            await self._flush_forgotten()
+        finally:
+            await self._db.close()
 
 
 async def _with_retries(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:
