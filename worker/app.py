@@ -73,6 +73,7 @@ class Worker:
         self.store = await open_store(
             s.database_url,
             synchronous=s.sqlite_synchronous,
+            cache_mib=s.sqlite_cache_mib,
             outbox_lease_seconds=s.outbox_lease_seconds,
         )
         self.connection = await connect(s.amqp_url, "otp-worker")

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     prefetch: int = Field(256, ge=1, le=65535)
     batch_size: int = Field(256, ge=1, le=2000)
     sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
+    sqlite_cache_mib: int = Field(2, ge=1, le=4096)
     publish_timeout_seconds: float = Field(10.0, gt=0)
     outbox_lease_seconds: float = Field(10.0, gt=0)
     sweep_interval_seconds: float = Field(60.0, gt=0)

@@ -7,11 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import WorkerFactory
 from tests.integration.test_commands import Clock
 from tests.support import producer
 from worker.settings import ConfigError, Keys, Settings
+from worker.store import open_store
+from worker.store.sqlite import SqliteStore
 
 
 def test_dev_mode_generates_keys_once_and_keeps_them(tmp_path: Path) -> None:
@@ -50,3 +53,22 @@ async def test_the_sweeper_forgets_expired_codes_and_old_replies(
         assert (await otp.confirm(user="s", code="1"))["status"] == "not_found"
         again = await otp.call("code.issue", command)
         assert again["code_id"] != first["code_id"]
+
+
+async def test_the_sqlite_page_cache_is_the_configured_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTP_SQLITE_CACHE_MIB", "16")
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    store = await open_store(
+        f"sqlite:///{tmp_path / 'otp.db'}", cache_mib=settings.sqlite_cache_mib
+    )
+    try:
+        assert isinstance(store, SqliteStore)
+        rows = list(await store._db.execute_fetchall("PRAGMA cache_size"))
+        assert rows[0][0] == -16 * 1024  # negative: KiB, not pages
+    finally:
+        await store.close()
+    monkeypatch.setenv("OTP_SQLITE_CACHE_MIB", "0")
+    with pytest.raises(ValidationError, match="sqlite_cache_mib"):
+        Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]

@@ -6,13 +6,20 @@ from worker.store.base import Store, TransientStoreError
 
 
 async def open_store(
-    url: str, *, synchronous: str = "FULL", outbox_lease_seconds: float = 30.0
+    url: str,
+    *,
+    synchronous: str = "FULL",
+    cache_mib: int = 2,
+    outbox_lease_seconds: float = 30.0,
 ) -> Store:
     if url.startswith("sqlite:"):
         from worker.store.sqlite import SqliteStore
 
         return await SqliteStore.open(
-            url, synchronous=synchronous, outbox_lease_seconds=outbox_lease_seconds
+            url,
+            synchronous=synchronous,
+            cache_mib=cache_mib,
+            outbox_lease_seconds=outbox_lease_seconds,
         )
     if url.startswith(("postgresql:", "postgres:")):
         from worker.store.postgres import PostgresStore
