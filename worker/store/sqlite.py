@@ -10,46 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
-from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
 from worker.log import get_logger
 from worker.store.base import (
     OutboxEvent,
     OutboxRow,
-    ReplyKey,
-    SendCounts,
     SweepResult,
     TransientStoreError,
-    Writes,
 )
-from worker.store.keys import scope_key
 from worker.store.migrations import migrations
+from worker.store.sqlite_transaction import SqliteTransaction, from_ts, marks, ts
 
 log = get_logger(__name__)
-
-_CODE_COLUMNS = (
-    "scope_key, user, client, purpose, code_id, key_id, digest, sealed, "
-    "issued_at, expires_at, attempts, state"
-)
-
-
-def _ts(value: datetime) -> float:
-    return value.timestamp()
-
-
-def _dt(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def _marks(count: int) -> str:
-    return ",".join("?" * count)
 
 
 def path_of(url: str) -> str:
@@ -60,149 +38,6 @@ def path_of(url: str) -> str:
     if rest.startswith("//"):
         return rest[2:]
     return rest
-
-
-class SqliteTransaction:
-    def __init__(self, db: aiosqlite.Connection, lease_seconds: float) -> None:
-        self._db = db
-        self._lease_seconds = lease_seconds
-
-    async def lock(self, keys: Collection[str]) -> None:
-        """BEGIN IMMEDIATE already holds the database's single write lock."""
-
-    async def _select(self, sql: str, params: Sequence[Any]) -> Iterable[sqlite3.Row]:
-        return await self._db.execute_fetchall(sql, params)
-
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
-        if not keys:
-            return {}
-        by_kind: dict[str, list[str]] = {}
-        for kind, command_id in keys:
-            by_kind.setdefault(kind, []).append(command_id)
-        found: dict[ReplyKey, bytes] = {}
-        for kind, ids in by_kind.items():
-            # kind first: the primary key (kind, command_id) serves the lookup.
-            rows = await self._select(
-                "SELECT command_id, reply FROM replies "
-                f"WHERE kind = ? AND command_id IN ({_marks(len(ids))})",
-                [kind, *ids],
-            )
-            found.update(((kind, c), r) for c, r in rows)
-        return found
-
-    async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
-        if not scopes:
-            return {}
-        by_key = {scope_key(s): s for s in scopes}
-        rows = await self._select(
-            f"SELECT {_CODE_COLUMNS} FROM codes WHERE scope_key IN ({_marks(len(by_key))})",
-            list(by_key),
-        )
-        found = {}
-        for row in rows:
-            scope = by_key[row[0]]
-            found[scope] = CodeRecord(
-                code_id=row[4],
-                scope=scope,
-                key_id=row[5],
-                digest=row[6],
-                sealed=row[7],
-                issued_at=_dt(row[8]),
-                expires_at=_dt(row[9]),
-                attempts=row[10],
-                state=CodeState(row[11]),
-            )
-        return found
-
-    async def load_sends(
-        self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
-    ) -> SendCounts:
-        by_scope: dict[str, list[datetime]] = {}
-        by_destination: dict[str, list[datetime]] = {}
-        if scope_keys:
-            rows = await self._select(
-                "SELECT scope_key, sent_at FROM sends "
-                f"WHERE scope_key IN ({_marks(len(scope_keys))}) AND sent_at > ?",
-                [*scope_keys, _ts(since)],
-            )
-            for key, at in rows:
-                by_scope.setdefault(key, []).append(_dt(at))
-        if destination_keys:
-            rows = await self._select(
-                "SELECT destination_key, sent_at FROM sends WHERE destination_key IN "
-                f"({_marks(len(destination_keys))}) AND sent_at > ?",
-                [*destination_keys, _ts(since)],
-            )
-            for key, at in rows:
-                by_destination.setdefault(key, []).append(_dt(at))
-        return SendCounts(by_scope, by_destination)
-
-    async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
-        if not users:
-            return {}
-        rows = await self._select(
-            "SELECT user, count, last_failure_at FROM streaks "
-            f"WHERE user IN ({_marks(len(users))})",
-            list(users),
-        )
-        return {u: FailureStreak(count=c, last_failure_at=_dt(at)) for u, c, at in rows}
-
-    async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
-        db = self._db
-        if writes.codes:
-            await db.executemany(
-                f"INSERT OR REPLACE INTO codes ({_CODE_COLUMNS}) VALUES ({_marks(12)})",
-                [
-                    (
-                        scope_key(r.scope),
-                        r.scope.user,
-                        r.scope.client,
-                        r.scope.purpose,
-                        r.code_id,
-                        r.key_id,
-                        r.digest,
-                        r.sealed,
-                        _ts(r.issued_at),
-                        _ts(r.expires_at),
-                        r.attempts,
-                        r.state.value,
-                    )
-                    for r in writes.codes.values()
-                ],
-            )
-        created = _ts(now)
-        if writes.replies:
-            await db.executemany(
-                "INSERT OR IGNORE INTO replies (kind, command_id, reply, created_at) "
-                "VALUES (?,?,?,?)",
-                [(k, c, body, created) for (k, c), body in writes.replies.items()],
-            )
-        if writes.sends:
-            await db.executemany(
-                "INSERT INTO sends (scope_key, destination_key, sent_at) VALUES (?,?,?)",
-                [(s.scope_key, s.destination_key, _ts(s.sent_at)) for s in writes.sends],
-            )
-        cleared = [u for u, s in writes.streaks.items() if s is None]
-        if cleared:
-            await db.execute(f"DELETE FROM streaks WHERE user IN ({_marks(len(cleared))})", cleared)
-        kept = [(u, s.count, _ts(s.last_failure_at)) for u, s in writes.streaks.items() if s]
-        if kept:
-            await db.executemany(
-                "INSERT OR REPLACE INTO streaks (user, count, last_failure_at) VALUES (?,?,?)", kept
-            )
-        if not writes.events:
-            return []
-        lease = created + self._lease_seconds
-        rows = await db.execute_fetchall(
-            "INSERT INTO outbox (event_id, routing_key, type, body, created_at, lease_until) "
-            f"VALUES {','.join(['(?,?,?,?,?,?)'] * len(writes.events))} RETURNING id",
-            [
-                value
-                for e in writes.events
-                for value in (e.event_id, e.routing_key, e.type, e.body, created, lease)
-            ],
-        )
-        return [OutboxRow(row[0], event) for row, event in zip(rows, writes.events, strict=True)]
 
 
 FORGET_DELAY_SECONDS = 0.5
@@ -281,7 +116,7 @@ class SqliteStore:
     async def _delete_outbox(self, ids: Sequence[int]) -> None:
         for start in range(0, len(ids), _DELETE_CHUNK):
             chunk = ids[start : start + _DELETE_CHUNK]
-            await self._db.execute(f"DELETE FROM outbox WHERE id IN ({_marks(len(chunk))})", chunk)
+            await self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
@@ -307,7 +142,7 @@ class SqliteStore:
                 "UPDATE outbox SET lease_until = ? WHERE id IN (SELECT id FROM outbox "
                 "WHERE (? OR lease_until <= ?) AND id > ? ORDER BY id LIMIT ?) "
                 "RETURNING id, event_id, routing_key, body, type",
-                (_ts(now) + lease_seconds, ignore_leases, _ts(now), after_id, limit),
+                (ts(now) + lease_seconds, ignore_leases, ts(now), after_id, limit),
             )
         return sorted(
             (OutboxRow(r[0], OutboxEvent(r[1], r[2], r[3], r[4])) for r in rows),
@@ -358,7 +193,7 @@ class SqliteStore:
         await self._flush_forgotten()
         async with self._lock:
             rows = list(await self._db.execute_fetchall("SELECT min(created_at) FROM outbox"))
-        return None if rows[0][0] is None else _dt(rows[0][0])
+        return None if rows[0][0] is None else from_ts(rows[0][0])
 
     async def sweep(
         self,
@@ -368,7 +203,7 @@ class SqliteStore:
         send_window_seconds: float,
         limit: int,
     ) -> SweepResult:
-        at = _ts(now)
+        at = ts(now)
         plan = (
             ("codes", "scope_key", "expires_at", at - code_retention_seconds),
             ("replies", "rowid", "created_at", at - reply_retention_seconds),
