@@ -31,7 +31,15 @@ from worker.domain.policy import (
 )
 from worker.domain.sealing import Sealer
 from worker.parsing import Command, kind_of
-from worker.store.base import OutboxEvent, OutboxRow, ReplyKey, Send, Transaction, Writes
+from worker.store.base import (
+    OutboxEvent,
+    OutboxRow,
+    ReplyKey,
+    Send,
+    StateKeys,
+    Transaction,
+    Writes,
+)
 from worker.store.keys import scope_key
 
 REPLY_TYPE = {"issue": "IssueResult", "confirm": "ConfirmResult"}
@@ -107,20 +115,20 @@ class CommandHandler:
         stored = await tx.load_replies(keys)
         fresh = [c for c, key in zip(commands, keys, strict=True) if key not in stored]
         issues = [c for c in fresh if isinstance(c, IssueCode)]
-        sends = (
-            await tx.load_sends(
-                {scope_key(scope_of(c)) for c in issues},
-                {d for c in issues if (d := destinations[id(c)])},
-                now - self.policy.send_window,
+        loaded = await tx.load_state(
+            StateKeys(
+                scopes={scope_of(c) for c in fresh},
+                users={c.user for c in fresh},
+                send_scope_keys={scope_key(scope_of(c)) for c in issues},
+                destination_keys={d for c in issues if (d := destinations[id(c)])},
+                since=now - self.policy.send_window,
             )
-            if issues
-            else None
         )
         state = _BatchState(
-            codes=await tx.load_codes({scope_of(c) for c in fresh}),
-            scope_sends=sends.by_scope if sends else {},
-            destination_sends=sends.by_destination if sends else {},
-            streaks=await tx.load_streaks({c.user for c in fresh}),
+            codes=loaded.codes,
+            scope_sends=loaded.sends.by_scope,
+            destination_sends=loaded.sends.by_destination,
+            streaks=loaded.streaks,
             destinations=destinations,
         )
         handled = []

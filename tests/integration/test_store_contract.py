@@ -10,7 +10,7 @@ import pytest
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
 from worker.store import Store, open_store
-from worker.store.base import OutboxEvent, Send, Writes
+from worker.store.base import OutboxEvent, Send, StateKeys, Writes
 from worker.store.keys import scope_key
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -79,6 +79,56 @@ async def test_write_then_load_round_trip(store: Store) -> None:
         assert (await tx.load_codes([SCOPE]))[SCOPE].attempts == 3
     assert await store.outbox_backlog() == 2
     assert await store.outbox_oldest() == NOW
+
+
+async def test_load_state_is_the_three_loads_at_once(store: Store) -> None:
+    other = Scope("bob", "app", "login")
+    await write(
+        store,
+        Writes(
+            codes={SCOPE: code(attempts=1)},
+            sends=[Send(scope_key(SCOPE), "dest-1", NOW), Send(scope_key(other), "dest-2", NOW)],
+            streaks={"alice": FailureStreak(2, NOW)},
+        ),
+    )
+    since = NOW - timedelta(hours=1)
+    async with store.transaction() as tx:
+        state = await tx.load_state(
+            StateKeys(
+                scopes={SCOPE, other},
+                users={"alice", "bob"},
+                send_scope_keys={scope_key(SCOPE)},
+                destination_keys={"dest-1", "dest-2"},
+                since=since,
+            )
+        )
+        assert state.codes == await tx.load_codes([SCOPE, other])
+        assert state.streaks == {"alice": FailureStreak(2, NOW)}
+        assert state.sends == await tx.load_sends([scope_key(SCOPE)], ["dest-1", "dest-2"], since)
+        assert state.sends.by_destination == {"dest-1": [NOW], "dest-2": [NOW]}
+        empty = await tx.load_state(StateKeys(set(), set(), set(), set(), since))
+        assert (empty.codes, empty.streaks) == ({}, {})
+        assert (empty.sends.by_scope, empty.sends.by_destination) == ({}, {})
+
+
+async def test_a_transaction_cancelled_as_it_begins_leaves_the_store_usable(
+    store: Store,
+) -> None:
+    """SQLite's BEGIN runs on the connection's thread and finishes even when the caller is
+    cancelled: what it opened must be closed, or every later transaction fails."""
+
+    async def begin_and_wait() -> None:
+        async with store.transaction():
+            await asyncio.Event().wait()
+
+    for _ in range(3):
+        task = asyncio.create_task(begin_and_wait())
+        await asyncio.sleep(0)  # the task has asked to begin
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    ids = await write(store, Writes(events=[event(1)]))
+    assert [row.id for row in await store.claim_outbox(NOW, 1, 10, ignore_leases=True)] == ids
 
 
 async def test_a_reply_is_stored_once(store: Store) -> None:

@@ -15,7 +15,15 @@ from worker.domain.codes import CodeHasher
 from worker.domain.model import CodeRecord, FailureStreak, Policy, Scope
 from worker.domain.sealing import Sealer
 from worker.service import CommandHandler, Crypto
-from worker.store.base import OutboxRow, ReplyKey, SendCounts, Writes
+from worker.store.base import (
+    OutboxRow,
+    ReplyKey,
+    SendCounts,
+    State,
+    StateKeys,
+    Writes,
+    load_state_one_by_one,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -43,6 +51,9 @@ class MemoryTransaction:
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
         return {}
+
+    async def load_state(self, wanted: StateKeys) -> State:
+        return await load_state_one_by_one(self, wanted)
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         self.codes.update(writes.codes)

@@ -60,6 +60,44 @@ class SendCounts:
     by_destination: dict[str, list[datetime]]
 
 
+@dataclass(frozen=True, slots=True)
+class StateKeys:
+    """What a batch's fresh commands need loaded: their codes, sends and failure streaks."""
+
+    scopes: Collection[Scope]
+    users: Collection[str]
+    send_scope_keys: Collection[str]
+    destination_keys: Collection[str]
+    since: datetime
+    """Sends at or before this are outside the rate-limit window."""
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    codes: dict[Scope, CodeRecord]
+    sends: SendCounts
+    streaks: dict[str, FailureStreak]
+
+
+class _Loads(Protocol):
+    async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
+
+    async def load_sends(
+        self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
+    ) -> SendCounts: ...
+
+    async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]: ...
+
+
+async def load_state_one_by_one(tx: _Loads, wanted: StateKeys) -> State:
+    """``load_state`` for a transaction whose loads cost nothing extra one after another."""
+    return State(
+        codes=await tx.load_codes(wanted.scopes),
+        sends=await tx.load_sends(wanted.send_scope_keys, wanted.destination_keys, wanted.since),
+        streaks=await tx.load_streaks(wanted.users),
+    )
+
+
 class Transaction(Protocol):
     async def lock(self, keys: Collection[str]) -> None:
         """Serialise against other processes touching these keys (no-op where the
@@ -74,6 +112,9 @@ class Transaction(Protocol):
     ) -> SendCounts: ...
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]: ...
+
+    async def load_state(self, wanted: StateKeys) -> State:
+        """``load_codes``, ``load_sends`` and ``load_streaks`` at once (one trip on SQLite)."""
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         """Writes the batch's effects; returns the staged events with their outbox ids."""

@@ -14,7 +14,15 @@ from typing import Any
 import asyncpg
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
-from worker.store.base import OutboxRow, ReplyKey, SendCounts, Writes
+from worker.store.base import (
+    OutboxRow,
+    ReplyKey,
+    SendCounts,
+    State,
+    StateKeys,
+    Writes,
+    load_state_one_by_one,
+)
 from worker.store.keys import scope_key
 
 _CODE_COLUMNS = (
@@ -119,6 +127,9 @@ class PostgresTransaction:
             list(users),
         )
         return {u: FailureStreak(count=c, last_failure_at=at) for u, c, at in rows}
+
+    async def load_state(self, wanted: StateKeys) -> State:
+        return await load_state_one_by_one(self, wanted)
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         """One statement per table, whatever the batch size: arrays in, ``unnest`` inside."""

@@ -25,7 +25,13 @@ from worker.store.base import (
     TransientStoreError,
 )
 from worker.store.migrations import migrations
-from worker.store.sqlite_transaction import SqliteTransaction, from_ts, marks, ts
+from worker.store.sqlite_transaction import (
+    SqliteTransaction,
+    from_ts,
+    marks,
+    run_in_thread,
+    ts,
+)
 
 log = get_logger(__name__)
 
@@ -94,13 +100,16 @@ class SqliteStore:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise TransientStoreError(str(exc)) from exc
             forgotten, self._forgotten = self._forgotten, []
             try:
-                await self._delete_outbox(forgotten)
+                await run_in_thread(self._db, _begin, forgotten)
+            except BaseException:
+                self._forgotten[:0] = forgotten
+                # A cancel can land while the thread still runs _begin: queued after it,
+                # this closes whatever it opened, so the next BEGIN does not fail.
+                await run_in_thread(self._db, _rollback_if_open)
+                raise
+            try:
                 yield self._db
             except BaseException:
                 self._forgotten[:0] = forgotten
@@ -112,11 +121,6 @@ class SqliteStore:
                 self._forgotten[:0] = forgotten
                 await self._db.execute("ROLLBACK")
                 raise TransientStoreError(str(exc)) from exc
-
-    async def _delete_outbox(self, ids: Sequence[int]) -> None:
-        for start in range(0, len(ids), _DELETE_CHUNK):
-            chunk = ids[start : start + _DELETE_CHUNK]
-            await self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
@@ -153,7 +157,7 @@ class SqliteStore:
         if not ids:
             return
         async with self._write():
-            await self._delete_outbox(list(ids))
+            await run_in_thread(self._db, _delete_outbox, list(ids))
 
     async def forget_outbox(self, ids: Collection[int]) -> None:
         """Deletes relayed rows in the next write transaction, not in one of their own.
@@ -240,6 +244,30 @@ class SqliteStore:
             await self._flush_forgotten()
         finally:
             await self._db.close()
+
+
+def _begin(conn: sqlite3.Connection, forgotten: Sequence[int]) -> None:
+    """``BEGIN IMMEDIATE`` and the delete of relayed outbox rows, in one trip."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        raise TransientStoreError(str(exc)) from exc
+    try:
+        _delete_outbox(conn, forgotten)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _rollback_if_open(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _delete_outbox(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    for start in range(0, len(ids), _DELETE_CHUNK):
+        chunk = ids[start : start + _DELETE_CHUNK]
+        conn.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
 
 async def _with_retries(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:

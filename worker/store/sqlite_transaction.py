@@ -2,20 +2,28 @@
 
 It runs inside ``SqliteStore``'s ``BEGIN IMMEDIATE`` (``sqlite.py``), so what it reads no
 other process can change before it commits.
+
+aiosqlite runs every call on the connection's own thread, one trip there and back per
+statement; a batch needs about a dozen statements, and under load each trip costs the event
+loop a wake-up and a wait for the GIL. So each step here (the replies lookup, the state
+lookups, the write) is one plain ``sqlite3`` function that runs all its statements in one
+trip, through ``run_in_thread``.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
-from worker.store.base import OutboxRow, ReplyKey, SendCounts, Writes
+from worker.store.base import OutboxRow, ReplyKey, SendCounts, State, StateKeys, Writes
 from worker.store.keys import scope_key
+
+T = TypeVar("T")
 
 _CODE_COLUMNS = (
     "scope_key, user, client, purpose, code_id, key_id, digest, sealed, "
@@ -37,6 +45,163 @@ def marks(count: int) -> str:
     return ",".join("?" * count)
 
 
+def run_in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    """Runs ``fn(connection, *args)`` on the aiosqlite connection's thread, in its queue.
+
+    aiosqlite has no public way to run several statements in one trip; ``_execute`` is what
+    its own ``backup``, ``iterdump`` and ``create_function`` use (the version is pinned in
+    pyproject.toml, and every store test goes through here)."""
+    conn = db._conn  # the sqlite3.Connection, only ever used on its own thread
+    result: Awaitable[T] = db._execute(fn, conn, *args)  # type: ignore[no-untyped-call]
+    return result
+
+
+def _select(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _load_replies(conn: sqlite3.Connection, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
+    by_kind: dict[str, list[str]] = {}
+    for kind, command_id in keys:
+        by_kind.setdefault(kind, []).append(command_id)
+    found: dict[ReplyKey, bytes] = {}
+    for kind, ids in by_kind.items():
+        # kind first: the primary key (kind, command_id) serves the lookup.
+        rows = _select(
+            conn,
+            "SELECT command_id, reply FROM replies "
+            f"WHERE kind = ? AND command_id IN ({marks(len(ids))})",
+            [kind, *ids],
+        )
+        found.update(((kind, c), r) for c, r in rows)
+    return found
+
+
+def _load_codes(conn: sqlite3.Connection, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
+    if not scopes:
+        return {}
+    by_key = {scope_key(s): s for s in scopes}
+    rows = _select(
+        conn,
+        f"SELECT {_CODE_COLUMNS} FROM codes WHERE scope_key IN ({marks(len(by_key))})",
+        list(by_key),
+    )
+    found = {}
+    for row in rows:
+        scope = by_key[row[0]]
+        found[scope] = CodeRecord(
+            code_id=row[4],
+            scope=scope,
+            key_id=row[5],
+            digest=row[6],
+            sealed=row[7],
+            issued_at=from_ts(row[8]),
+            expires_at=from_ts(row[9]),
+            attempts=row[10],
+            state=CodeState(row[11]),
+        )
+    return found
+
+
+def _load_sends(
+    conn: sqlite3.Connection,
+    scope_keys: Collection[str],
+    destination_keys: Collection[str],
+    since: datetime,
+) -> SendCounts:
+    counts = SendCounts({}, {})
+    for column, keys, into in (
+        ("scope_key", scope_keys, counts.by_scope),
+        ("destination_key", destination_keys, counts.by_destination),
+    ):
+        if keys:
+            rows = _select(
+                conn,
+                f"SELECT {column}, sent_at FROM sends "
+                f"WHERE {column} IN ({marks(len(keys))}) AND sent_at > ?",
+                [*keys, ts(since)],
+            )
+            for key, at in rows:
+                into.setdefault(key, []).append(from_ts(at))
+    return counts
+
+
+def _load_streaks(conn: sqlite3.Connection, users: Collection[str]) -> dict[str, FailureStreak]:
+    if not users:
+        return {}
+    rows = _select(
+        conn,
+        f"SELECT user, count, last_failure_at FROM streaks WHERE user IN ({marks(len(users))})",
+        list(users),
+    )
+    return {u: FailureStreak(count=c, last_failure_at=from_ts(at)) for u, c, at in rows}
+
+
+def _load_state(conn: sqlite3.Connection, wanted: StateKeys) -> State:
+    return State(
+        codes=_load_codes(conn, wanted.scopes),
+        sends=_load_sends(conn, wanted.send_scope_keys, wanted.destination_keys, wanted.since),
+        streaks=_load_streaks(conn, wanted.users),
+    )
+
+
+def _write(
+    conn: sqlite3.Connection, writes: Writes, created: float, lease: float
+) -> list[OutboxRow]:
+    if writes.codes:
+        conn.executemany(
+            f"INSERT OR REPLACE INTO codes ({_CODE_COLUMNS}) VALUES ({marks(12)})",
+            [
+                (
+                    scope_key(r.scope),
+                    r.scope.user,
+                    r.scope.client,
+                    r.scope.purpose,
+                    r.code_id,
+                    r.key_id,
+                    r.digest,
+                    r.sealed,
+                    ts(r.issued_at),
+                    ts(r.expires_at),
+                    r.attempts,
+                    r.state.value,
+                )
+                for r in writes.codes.values()
+            ],
+        )
+    if writes.replies:
+        conn.executemany(
+            "INSERT OR IGNORE INTO replies (kind, command_id, reply, created_at) VALUES (?,?,?,?)",
+            [(k, c, body, created) for (k, c), body in writes.replies.items()],
+        )
+    if writes.sends:
+        conn.executemany(
+            "INSERT INTO sends (scope_key, destination_key, sent_at) VALUES (?,?,?)",
+            [(s.scope_key, s.destination_key, ts(s.sent_at)) for s in writes.sends],
+        )
+    cleared = [u for u, s in writes.streaks.items() if s is None]
+    if cleared:
+        conn.execute(f"DELETE FROM streaks WHERE user IN ({marks(len(cleared))})", cleared)
+    kept = [(u, s.count, ts(s.last_failure_at)) for u, s in writes.streaks.items() if s]
+    if kept:
+        conn.executemany(
+            "INSERT OR REPLACE INTO streaks (user, count, last_failure_at) VALUES (?,?,?)", kept
+        )
+    if not writes.events:
+        return []
+    rows = _select(
+        conn,
+        "INSERT INTO outbox (event_id, routing_key, type, body, created_at, lease_until) "
+        f"VALUES {','.join(['(?,?,?,?,?,?)'] * len(writes.events))} RETURNING id",
+        [
+            value
+            for e in writes.events
+            for value in (e.event_id, e.routing_key, e.type, e.body, created, lease)
+        ],
+    )
+    return [OutboxRow(row[0], event) for row, event in zip(rows, writes.events, strict=True)]
+
+
 class SqliteTransaction:
     def __init__(self, db: aiosqlite.Connection, lease_seconds: float) -> None:
         self._db = db
@@ -45,135 +210,25 @@ class SqliteTransaction:
     async def lock(self, keys: Collection[str]) -> None:
         """BEGIN IMMEDIATE already holds the database's single write lock."""
 
-    async def _select(self, sql: str, params: Sequence[Any]) -> Iterable[sqlite3.Row]:
-        return await self._db.execute_fetchall(sql, params)
-
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
         if not keys:
             return {}
-        by_kind: dict[str, list[str]] = {}
-        for kind, command_id in keys:
-            by_kind.setdefault(kind, []).append(command_id)
-        found: dict[ReplyKey, bytes] = {}
-        for kind, ids in by_kind.items():
-            # kind first: the primary key (kind, command_id) serves the lookup.
-            rows = await self._select(
-                "SELECT command_id, reply FROM replies "
-                f"WHERE kind = ? AND command_id IN ({marks(len(ids))})",
-                [kind, *ids],
-            )
-            found.update(((kind, c), r) for c, r in rows)
-        return found
+        return await run_in_thread(self._db, _load_replies, keys)
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
-        if not scopes:
-            return {}
-        by_key = {scope_key(s): s for s in scopes}
-        rows = await self._select(
-            f"SELECT {_CODE_COLUMNS} FROM codes WHERE scope_key IN ({marks(len(by_key))})",
-            list(by_key),
-        )
-        found = {}
-        for row in rows:
-            scope = by_key[row[0]]
-            found[scope] = CodeRecord(
-                code_id=row[4],
-                scope=scope,
-                key_id=row[5],
-                digest=row[6],
-                sealed=row[7],
-                issued_at=from_ts(row[8]),
-                expires_at=from_ts(row[9]),
-                attempts=row[10],
-                state=CodeState(row[11]),
-            )
-        return found
+        return await run_in_thread(self._db, _load_codes, scopes)
 
     async def load_sends(
         self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
     ) -> SendCounts:
-        by_scope: dict[str, list[datetime]] = {}
-        by_destination: dict[str, list[datetime]] = {}
-        if scope_keys:
-            rows = await self._select(
-                "SELECT scope_key, sent_at FROM sends "
-                f"WHERE scope_key IN ({marks(len(scope_keys))}) AND sent_at > ?",
-                [*scope_keys, ts(since)],
-            )
-            for key, at in rows:
-                by_scope.setdefault(key, []).append(from_ts(at))
-        if destination_keys:
-            rows = await self._select(
-                "SELECT destination_key, sent_at FROM sends WHERE destination_key IN "
-                f"({marks(len(destination_keys))}) AND sent_at > ?",
-                [*destination_keys, ts(since)],
-            )
-            for key, at in rows:
-                by_destination.setdefault(key, []).append(from_ts(at))
-        return SendCounts(by_scope, by_destination)
+        return await run_in_thread(self._db, _load_sends, scope_keys, destination_keys, since)
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
-        if not users:
-            return {}
-        rows = await self._select(
-            f"SELECT user, count, last_failure_at FROM streaks WHERE user IN ({marks(len(users))})",
-            list(users),
-        )
-        return {u: FailureStreak(count=c, last_failure_at=from_ts(at)) for u, c, at in rows}
+        return await run_in_thread(self._db, _load_streaks, users)
+
+    async def load_state(self, wanted: StateKeys) -> State:
+        return await run_in_thread(self._db, _load_state, wanted)
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
-        db = self._db
-        if writes.codes:
-            await db.executemany(
-                f"INSERT OR REPLACE INTO codes ({_CODE_COLUMNS}) VALUES ({marks(12)})",
-                [
-                    (
-                        scope_key(r.scope),
-                        r.scope.user,
-                        r.scope.client,
-                        r.scope.purpose,
-                        r.code_id,
-                        r.key_id,
-                        r.digest,
-                        r.sealed,
-                        ts(r.issued_at),
-                        ts(r.expires_at),
-                        r.attempts,
-                        r.state.value,
-                    )
-                    for r in writes.codes.values()
-                ],
-            )
         created = ts(now)
-        if writes.replies:
-            await db.executemany(
-                "INSERT OR IGNORE INTO replies (kind, command_id, reply, created_at) "
-                "VALUES (?,?,?,?)",
-                [(k, c, body, created) for (k, c), body in writes.replies.items()],
-            )
-        if writes.sends:
-            await db.executemany(
-                "INSERT INTO sends (scope_key, destination_key, sent_at) VALUES (?,?,?)",
-                [(s.scope_key, s.destination_key, ts(s.sent_at)) for s in writes.sends],
-            )
-        cleared = [u for u, s in writes.streaks.items() if s is None]
-        if cleared:
-            await db.execute(f"DELETE FROM streaks WHERE user IN ({marks(len(cleared))})", cleared)
-        kept = [(u, s.count, ts(s.last_failure_at)) for u, s in writes.streaks.items() if s]
-        if kept:
-            await db.executemany(
-                "INSERT OR REPLACE INTO streaks (user, count, last_failure_at) VALUES (?,?,?)", kept
-            )
-        if not writes.events:
-            return []
-        lease = created + self._lease_seconds
-        rows = await db.execute_fetchall(
-            "INSERT INTO outbox (event_id, routing_key, type, body, created_at, lease_until) "
-            f"VALUES {','.join(['(?,?,?,?,?,?)'] * len(writes.events))} RETURNING id",
-            [
-                value
-                for e in writes.events
-                for value in (e.event_id, e.routing_key, e.type, e.body, created, lease)
-            ],
-        )
-        return [OutboxRow(row[0], event) for row, event in zip(rows, writes.events, strict=True)]
+        return await run_in_thread(self._db, _write, writes, created, created + self._lease_seconds)
