@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
 from random import getrandbits
 from typing import Any, cast
@@ -151,14 +151,8 @@ class Publisher:
         """Publishes in order, under one timeout (on a confirming channel, one at a time)."""
         async with asyncio.timeout(timeout):
             underlay = await self._underlay()
-            for exchange, routing_key, body, properties in messages:
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    wait=False,
-                )
+            for message in messages:
+                await _basic_publish(underlay, message)
 
     async def publish_confirmed(
         self, messages: Sequence[Outgoing], *, timeout: float
@@ -174,18 +168,7 @@ class Publisher:
                 underlay = await self._underlay()
         except TimeoutError as exc:
             return [exc] * len(messages)
-        tasks = [
-            asyncio.ensure_future(
-                underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    wait=False,
-                )
-            )
-            for exchange, routing_key, body, properties in messages
-        ]
+        tasks = [asyncio.ensure_future(_basic_publish(underlay, m)) for m in messages]
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in pending:
             task.cancel()
@@ -195,3 +178,12 @@ class Publisher:
             TimeoutError("no confirm in time") if task.cancelled() else task.exception()
             for task in tasks
         ]
+
+
+def _basic_publish(underlay: aiormq.Channel, message: Outgoing) -> Awaitable[object]:
+    """Without waiting for the socket to drain (the class docstring says why that is safe);
+    on a confirming channel the awaitable ends with the broker's confirm."""
+    exchange, routing_key, body, properties = message
+    return underlay.basic_publish(
+        body, exchange=exchange, routing_key=routing_key, properties=properties, wait=False
+    )

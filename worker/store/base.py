@@ -6,13 +6,14 @@ and writes all their effects at once, so one commit serves many commands (group 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker.domain.model import CodeRecord, FailureStreak, Scope
+from worker.store.keys import scope_key
 
 ReplyKey = tuple[str, str]
 """(command kind, command_id): the idempotency key."""
@@ -60,6 +61,25 @@ class SendCounts:
     by_destination: dict[str, list[datetime]]
 
 
+def code_row(record: CodeRecord, time: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    """A code as the values of the ``codes`` columns, in their order in both backends;
+    ``time`` turns its datetimes into what the backend stores."""
+    return (
+        scope_key(record.scope),
+        record.scope.user,
+        record.scope.client,
+        record.scope.purpose,
+        record.code_id,
+        record.key_id,
+        record.digest,
+        record.sealed,
+        time(record.issued_at),
+        time(record.expires_at),
+        record.attempts,
+        record.state.value,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StateKeys:
     """What a batch's fresh commands need loaded: their codes, sends and failure streaks."""
@@ -79,7 +99,7 @@ class State:
     streaks: dict[str, FailureStreak]
 
 
-class _Loads(Protocol):
+class StateLoads(Protocol):
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
 
     async def load_sends(
@@ -89,7 +109,7 @@ class _Loads(Protocol):
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]: ...
 
 
-async def load_state_one_by_one(tx: _Loads, wanted: StateKeys) -> State:
+async def load_state_one_by_one(tx: StateLoads, wanted: StateKeys) -> State:
     """``load_state`` for a transaction whose loads cost nothing extra one after another."""
     return State(
         codes=await tx.load_codes(wanted.scopes),
@@ -98,20 +118,12 @@ async def load_state_one_by_one(tx: _Loads, wanted: StateKeys) -> State:
     )
 
 
-class Transaction(Protocol):
+class Transaction(StateLoads, Protocol):
     async def lock(self, keys: Collection[str]) -> None:
         """Serialise against other processes touching these keys (no-op where the
         transaction already holds the store's write lock)."""
 
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]: ...
-
-    async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
-
-    async def load_sends(
-        self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
-    ) -> SendCounts: ...
-
-    async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]: ...
 
     async def load_state(self, wanted: StateKeys) -> State:
         """``load_codes``, ``load_sends`` and ``load_streaks`` at once (one trip on SQLite)."""

@@ -21,6 +21,7 @@ from worker.store.base import (
     State,
     StateKeys,
     Writes,
+    code_row,
     load_state_one_by_one,
 )
 from worker.store.keys import scope_key
@@ -39,6 +40,11 @@ def lock_id(key: str) -> int:
     """A stable signed 64-bit id for a lock key (Python's ``hash`` differs per process)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _as_is(value: datetime) -> datetime:
+    """timestamptz columns take datetimes as they are."""
+    return value
 
 
 def _unnest(types: str) -> str:
@@ -135,23 +141,7 @@ class PostgresTransaction:
         """One statement per table, whatever the batch size: arrays in, ``unnest`` inside."""
         conn = self._conn
         if writes.codes:
-            codes = [
-                (
-                    scope_key(r.scope),
-                    r.scope.user,
-                    r.scope.client,
-                    r.scope.purpose,
-                    r.code_id,
-                    r.key_id,
-                    r.digest,
-                    r.sealed,
-                    r.issued_at,
-                    r.expires_at,
-                    r.attempts,
-                    r.state.value,
-                )
-                for r in writes.codes.values()
-            ]
+            codes = [code_row(r, _as_is) for r in writes.codes.values()]
             updates = ", ".join(
                 f"{c} = EXCLUDED.{c}" for c in _CODE_COLUMNS.replace(" ", "").split(",")[1:]
             )

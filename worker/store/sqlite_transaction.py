@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
-from worker.store.base import OutboxRow, ReplyKey, SendCounts, State, StateKeys, Writes
+from worker.store.base import (
+    OutboxRow,
+    ReplyKey,
+    SendCounts,
+    State,
+    StateKeys,
+    Writes,
+    code_row,
+)
 from worker.store.keys import scope_key
 
 T = TypeVar("T")
@@ -151,23 +159,7 @@ def _write(
     if writes.codes:
         conn.executemany(
             f"INSERT OR REPLACE INTO codes ({_CODE_COLUMNS}) VALUES ({marks(12)})",
-            [
-                (
-                    scope_key(r.scope),
-                    r.scope.user,
-                    r.scope.client,
-                    r.scope.purpose,
-                    r.code_id,
-                    r.key_id,
-                    r.digest,
-                    r.sealed,
-                    ts(r.issued_at),
-                    ts(r.expires_at),
-                    r.attempts,
-                    r.state.value,
-                )
-                for r in writes.codes.values()
-            ],
+            [code_row(r, ts) for r in writes.codes.values()],
         )
     if writes.replies:
         conn.executemany(
