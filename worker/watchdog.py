@@ -70,9 +70,15 @@ class ConsumerWatchdog:
     async def cancel_consumer(self) -> None:
         """Stops deliveries (shutdown): the watchdog stops first, so it will not restore them."""
         await self.stop()
+        await self._cancel()
+
+    async def _cancel(self) -> None:
+        """Bounded as a whole: aio-pika's ``cancel`` first waits, with no timeout, for the
+        robust channel to be restored, which with the broker gone is never."""
         if self.tag is not None:
             with contextlib.suppress(Exception):
-                await self.queue.cancel(self.tag, timeout=5)
+                async with asyncio.timeout(5):
+                    await self.queue.cancel(self.tag)
 
     async def stop(self) -> None:
         """Ends the watch loop; idempotent. Cancels it only if it does not end on its own."""
@@ -107,9 +113,7 @@ class ConsumerWatchdog:
 
     async def _restore(self) -> None:
         log.warning("consumer lost; restoring it", queue=self.queue.name)
-        if self.tag is not None:
-            with contextlib.suppress(Exception):
-                await self.queue.cancel(self.tag, timeout=5)
+        await self._cancel()
         try:
             self.tag = await self.queue.consume(self._on_message, timeout=10)
             self.restores += 1

@@ -116,6 +116,25 @@ async def test_cut_connection_mid_burst_resumes_without_restart(
         await proxy.cut()
 
 
+async def test_stop_finishes_while_the_broker_is_unreachable(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """Shutdown must not wait for a broker that is gone: cancelling the consumer used to
+    wait, unbounded, for aio-pika to restore the channel first."""
+    parts = urlsplit(amqp_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.5"
+    worker = await start_worker(amqp_url=proxied)
+    try:
+        await proxy.cut()
+        assert worker.connection is not None
+        await wait_until(lambda: not worker.connection.connected.is_set())  # type: ignore[union-attr]
+        await asyncio.wait_for(worker.stop(), 60)
+    finally:
+        await proxy.cut()
+
+
 async def test_a_lost_consumer_is_detected_and_restored(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
