@@ -112,18 +112,20 @@ class CommandHandler:
         }
         await tx.lock(lock_keys(commands, destinations))
         keys: list[ReplyKey] = [(kind_of(c), c.command_id) for c in commands]
-        stored = await tx.load_replies(keys)
-        fresh = [c for c, key in zip(commands, keys, strict=True) if key not in stored]
-        issues = [c for c in fresh if isinstance(c, IssueCode)]
+        issues = [c for c in commands if isinstance(c, IssueCode)]
+        # One load for the whole batch: the state of a command that turns out to be a
+        # replay is loaded for nothing, which costs less than a second trip to the store.
         loaded = await tx.load_state(
             StateKeys(
-                scopes={scope_of(c) for c in fresh},
-                users={c.user for c in fresh},
+                replies=keys,
+                scopes={scope_of(c) for c in commands},
+                users={c.user for c in commands},
                 send_scope_keys={scope_key(scope_of(c)) for c in issues},
                 destination_keys={d for c in issues if (d := destinations[id(c)])},
                 since=now - self.policy.send_window,
             )
         )
+        stored = loaded.replies
         state = _BatchState(
             codes=loaded.codes,
             scope_sends=loaded.sends.by_scope,

@@ -81,11 +81,12 @@ async def test_write_then_load_round_trip(store: Store) -> None:
     assert await store.outbox_oldest() == NOW
 
 
-async def test_load_state_is_the_three_loads_at_once(store: Store) -> None:
+async def test_load_state_is_the_four_loads_at_once(store: Store) -> None:
     other = Scope("bob", "app", "login")
     await write(
         store,
         Writes(
+            replies={("issue", "cmd-1"): b"stored"},
             codes={SCOPE: code(attempts=1)},
             sends=[Send(scope_key(SCOPE), "dest-1", NOW), Send(scope_key(other), "dest-2", NOW)],
             streaks={"alice": FailureStreak(2, NOW)},
@@ -95,6 +96,7 @@ async def test_load_state_is_the_three_loads_at_once(store: Store) -> None:
     async with store.transaction() as tx:
         state = await tx.load_state(
             StateKeys(
+                replies=[("issue", "cmd-1"), ("confirm", "cmd-1")],
                 scopes={SCOPE, other},
                 users={"alice", "bob"},
                 send_scope_keys={scope_key(SCOPE)},
@@ -102,12 +104,13 @@ async def test_load_state_is_the_three_loads_at_once(store: Store) -> None:
                 since=since,
             )
         )
+        assert state.replies == {("issue", "cmd-1"): b"stored"}
         assert state.codes == await tx.load_codes([SCOPE, other])
         assert state.streaks == {"alice": FailureStreak(2, NOW)}
         assert state.sends == await tx.load_sends([scope_key(SCOPE)], ["dest-1", "dest-2"], since)
         assert state.sends.by_destination == {"dest-1": [NOW], "dest-2": [NOW]}
-        empty = await tx.load_state(StateKeys(set(), set(), set(), set(), since))
-        assert (empty.codes, empty.streaks) == ({}, {})
+        empty = await tx.load_state(StateKeys(set(), set(), set(), set(), set(), since))
+        assert (empty.replies, empty.codes, empty.streaks) == ({}, {}, {})
         assert (empty.sends.by_scope, empty.sends.by_destination) == ({}, {})
 
 
@@ -118,7 +121,8 @@ async def test_a_transaction_cancelled_as_it_begins_leaves_the_store_usable(
     cancelled: what it opened must be closed, or every later transaction fails."""
 
     async def begin_and_wait() -> None:
-        async with store.transaction():
+        async with store.transaction() as tx:
+            await tx.load_codes([SCOPE])  # the first step begins the transaction
             await asyncio.Event().wait()
 
     for _ in range(3):
@@ -140,17 +144,37 @@ async def test_a_reply_is_stored_once(store: Store) -> None:
 
 
 async def test_a_failed_transaction_leaves_nothing(store: Store) -> None:
+    relayed = await write(store, Writes(events=[event(0)]))
+    await store.forget_outbox(relayed)
+
     async def fail() -> None:
         async with store.transaction() as tx:
-            await tx.write(Writes(codes={SCOPE: code()}, events=[event(1)]), NOW)
+            await tx.load_codes([SCOPE])
             raise RuntimeError("handler failed")
 
     with pytest.raises(RuntimeError):
         await fail()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each backend raises its own kind
+        # The codes go in first, then the send's NOT NULL scope key fails the write.
+        await write(
+            store,
+            Writes(codes={SCOPE: code()}, sends=[Send(None, None, NOW)], events=[event(1)]),  # type: ignore[arg-type]
+        )
     async with store.transaction() as tx:
         assert await tx.load_codes([SCOPE]) == {}
+    # The relayed row is gone all the same: the failed transactions gave it back.
     assert await store.outbox_backlog() == 0
     assert await store.outbox_oldest() is None
+
+
+async def test_write_ends_a_transaction(store: Store) -> None:
+    """SQLite commits in the write's own trip, so every store refuses a step after it."""
+    async with store.transaction() as tx:
+        await tx.write(Writes(codes={SCOPE: code()}), NOW)
+        with pytest.raises(RuntimeError, match="ends a transaction"):
+            await tx.load_codes([SCOPE])
+    async with store.transaction() as tx:
+        assert list(await tx.load_codes([SCOPE])) == [SCOPE]
 
 
 async def test_claim_outbox_honours_leases(store: Store) -> None:

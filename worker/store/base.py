@@ -82,8 +82,10 @@ def code_row(record: CodeRecord, time: Callable[[datetime], Any]) -> tuple[Any, 
 
 @dataclass(frozen=True, slots=True)
 class StateKeys:
-    """What a batch's fresh commands need loaded: their codes, sends and failure streaks."""
+    """What a batch needs loaded: the stored replies of its commands (replays), and their
+    codes, sends and failure streaks."""
 
+    replies: Collection[ReplyKey]
     scopes: Collection[Scope]
     users: Collection[str]
     send_scope_keys: Collection[str]
@@ -94,12 +96,15 @@ class StateKeys:
 
 @dataclass(frozen=True, slots=True)
 class State:
+    replies: dict[ReplyKey, bytes]
     codes: dict[Scope, CodeRecord]
     sends: SendCounts
     streaks: dict[str, FailureStreak]
 
 
 class StateLoads(Protocol):
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]: ...
+
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
 
     async def load_sends(
@@ -112,6 +117,7 @@ class StateLoads(Protocol):
 async def load_state_one_by_one(tx: StateLoads, wanted: StateKeys) -> State:
     """``load_state`` for a transaction whose loads cost nothing extra one after another."""
     return State(
+        replies=await tx.load_replies(wanted.replies),
         codes=await tx.load_codes(wanted.scopes),
         sends=await tx.load_sends(wanted.send_scope_keys, wanted.destination_keys, wanted.since),
         streaks=await tx.load_streaks(wanted.users),
@@ -123,13 +129,15 @@ class Transaction(StateLoads, Protocol):
         """Serialise against other processes touching these keys (no-op where the
         transaction already holds the store's write lock)."""
 
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]: ...
-
     async def load_state(self, wanted: StateKeys) -> State:
-        """``load_codes``, ``load_sends`` and ``load_streaks`` at once (one trip on SQLite)."""
+        """All four loads at once: one trip to SQLite's thread, which also begins the
+        transaction when it is the first step."""
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
-        """Writes the batch's effects; returns the staged events with their outbox ids."""
+        """Writes the batch's effects; returns the staged events with their outbox ids.
+
+        The last step of a transaction: SQLite commits in the same trip, and every store
+        refuses a step after it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,10 +60,18 @@ class PostgresTransaction:
     def __init__(self, conn: asyncpg.Connection, lease_seconds: float) -> None:
         self._conn = conn
         self._lease = timedelta(seconds=lease_seconds)
+        self._written = False
+
+    def _check_open(self) -> None:
+        """SQLite commits in ``write``; refusing steps after it here too keeps the stores
+        interchangeable."""
+        if self._written:
+            raise RuntimeError("write() ends a transaction; nothing may follow it")
 
     async def lock(self, keys: Collection[str]) -> None:
         """Advisory locks in the given (sorted) order: every process takes them in the same
         order, so concurrent batches queue up instead of deadlocking."""
+        self._check_open()
         ids = list(dict.fromkeys(lock_id(key) for key in keys))
         if ids:
             await self._conn.execute(
@@ -71,6 +79,7 @@ class PostgresTransaction:
             )
 
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
+        self._check_open()
         if not keys:
             return {}
         kinds, ids = zip(*keys, strict=True)
@@ -84,6 +93,7 @@ class PostgresTransaction:
         return {(r[0], r[1]): bytes(r[2]) for r in rows}
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
+        self._check_open()
         if not scopes:
             return {}
         by_key = {scope_key(s): s for s in scopes}
@@ -108,6 +118,7 @@ class PostgresTransaction:
     async def load_sends(
         self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
     ) -> SendCounts:
+        self._check_open()
         found: list[dict[str, list[datetime]]] = [{}, {}]
         for index, (column, keys) in enumerate(
             (("scope_key", scope_keys), ("destination_key", destination_keys))
@@ -125,6 +136,7 @@ class PostgresTransaction:
         return SendCounts(found[0], found[1])
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
+        self._check_open()
         if not users:
             return {}
         rows = await self._conn.fetch(
@@ -139,6 +151,8 @@ class PostgresTransaction:
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         """One statement per table, whatever the batch size: arrays in, ``unnest`` inside."""
+        self._check_open()
+        self._written = True
         conn = self._conn
         if writes.codes:
             codes = [code_row(r, _as_is) for r in writes.codes.values()]

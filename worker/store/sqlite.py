@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -27,8 +27,9 @@ from worker.store.base import (
 from worker.store.migrations import migrations
 from worker.store.sqlite_transaction import (
     SqliteTransaction,
+    delete_outbox,
     from_ts,
-    marks,
+    rollback_if_open,
     run_in_thread,
     ts,
 )
@@ -48,7 +49,6 @@ def path_of(url: str) -> str:
 
 FORGET_DELAY_SECONDS = 0.5
 """How long relayed outbox rows may wait for a write transaction to delete them in."""
-_DELETE_CHUNK = 10_000  # below SQLite's limit on bound parameters
 
 
 class SqliteStore:
@@ -99,38 +99,35 @@ class SqliteStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            forgotten, self._forgotten = self._forgotten, []
-            try:
-                await run_in_thread(self._db, _begin, forgotten)
-            except BaseException:
-                self._forgotten[:0] = forgotten
-                # A cancel can land while the thread still runs _begin: queued after it,
-                # this closes whatever it opened, so the next BEGIN does not fail.
-                await run_in_thread(self._db, _rollback_if_open)
-                raise
-            try:
-                yield self._db
-            except BaseException:
-                self._forgotten[:0] = forgotten
-                await self._db.execute("ROLLBACK")
-                raise
-            try:
-                await self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._forgotten[:0] = forgotten
-                await self._db.execute("ROLLBACK")
-                raise TransientStoreError(str(exc)) from exc
+        """A write transaction for the store's own upkeep (the commands' go through
+        ``transaction``): begun and committed in trips of their own."""
+        async with self.transaction() as tx:
+            await tx.begin()
+            yield self._db
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
-        try:
-            async with self._write() as db:
-                yield SqliteTransaction(db, self._lease)
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise TransientStoreError(str(exc)) from exc
-            raise
+        async with self._lock:
+            tx = SqliteTransaction(self._db, self._lease, self._take_forgotten)
+            try:
+                yield tx
+                await tx.finish()
+            except BaseException as exc:
+                if not tx.committed:
+                    self._forgotten[:0] = tx.forgotten
+                    if tx.begun:
+                        # Queued behind any step still running on the thread (after a
+                        # cancel, say): closes what it opened, so the next BEGIN works.
+                        await run_in_thread(self._db, rollback_if_open)
+                if isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc)
+                ):
+                    raise TransientStoreError(str(exc)) from exc
+                raise
+
+    def _take_forgotten(self) -> list[int]:
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten
 
     async def claim_outbox(
         self,
@@ -157,7 +154,7 @@ class SqliteStore:
         if not ids:
             return
         async with self._write():
-            await run_in_thread(self._db, _delete_outbox, list(ids))
+            await run_in_thread(self._db, delete_outbox, list(ids))
 
     async def forget_outbox(self, ids: Collection[int]) -> None:
         """Deletes relayed rows in the next write transaction, not in one of their own.
@@ -244,30 +241,6 @@ class SqliteStore:
             await self._flush_forgotten()
         finally:
             await self._db.close()
-
-
-def _begin(conn: sqlite3.Connection, forgotten: Sequence[int]) -> None:
-    """``BEGIN IMMEDIATE`` and the delete of relayed outbox rows, in one trip."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        raise TransientStoreError(str(exc)) from exc
-    try:
-        _delete_outbox(conn, forgotten)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _rollback_if_open(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-
-
-def _delete_outbox(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
-    for start in range(0, len(ids), _DELETE_CHUNK):
-        chunk = ids[start : start + _DELETE_CHUNK]
-        conn.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
 
 async def _with_retries(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:

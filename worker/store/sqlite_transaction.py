@@ -1,13 +1,14 @@
 """One SQLite write transaction: the batch-shaped reads and the one write of a batch.
 
-It runs inside ``SqliteStore``'s ``BEGIN IMMEDIATE`` (``sqlite.py``), so what it reads no
-other process can change before it commits.
+It is a ``BEGIN IMMEDIATE`` transaction, so what it reads no other process can change
+before it commits.
 
 aiosqlite runs every call on the connection's own thread, one trip there and back per
 statement; a batch needs about a dozen statements, and under load each trip costs the event
-loop a wake-up and a wait for the GIL. So each step here (the replies lookup, the state
-lookups, the write) is one plain ``sqlite3`` function that runs all its statements in one
-trip, through ``run_in_thread``.
+loop a wake-up, the thread a wait for a CPU, and both a wait for the GIL. So each step here
+is one plain ``sqlite3`` function that runs all its statements in one trip, through
+``run_in_thread``, and a batch takes two trips: the first step also begins the transaction
+(and deletes the relayed outbox rows waiting for one), and ``write`` also commits it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from worker.store.base import (
     SendCounts,
     State,
     StateKeys,
+    TransientStoreError,
     Writes,
     code_row,
 )
@@ -147,6 +149,7 @@ def _load_streaks(conn: sqlite3.Connection, users: Collection[str]) -> dict[str,
 
 def _load_state(conn: sqlite3.Connection, wanted: StateKeys) -> State:
     return State(
+        replies=_load_replies(conn, wanted.replies),
         codes=_load_codes(conn, wanted.scopes),
         sends=_load_sends(conn, wanted.send_scope_keys, wanted.destination_keys, wanted.since),
         streaks=_load_streaks(conn, wanted.users),
@@ -194,33 +197,121 @@ def _write(
     return [OutboxRow(row[0], event) for row, event in zip(rows, writes.events, strict=True)]
 
 
+def _write_and_commit(
+    conn: sqlite3.Connection, writes: Writes, created: float, lease: float
+) -> list[OutboxRow]:
+    rows = _write(conn, writes, created, lease)
+    commit(conn)
+    return rows
+
+
+def commit(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:  # busy: the caller rolls back and retries
+        raise TransientStoreError(str(exc)) from exc
+
+
+def begin(conn: sqlite3.Connection, forgotten: Sequence[int]) -> None:
+    """``BEGIN IMMEDIATE`` and the delete of relayed outbox rows, in one trip."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        raise TransientStoreError(str(exc)) from exc
+    try:
+        delete_outbox(conn, forgotten)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _begin_then(
+    conn: sqlite3.Connection, forgotten: Sequence[int], fn: Callable[..., T], *args: Any
+) -> T:
+    begin(conn, forgotten)
+    return fn(conn, *args)
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    pass
+
+
+def rollback_if_open(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+DELETE_CHUNK = 10_000  # below SQLite's limit on bound parameters
+
+
+def delete_outbox(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    for start in range(0, len(ids), DELETE_CHUNK):
+        chunk = ids[start : start + DELETE_CHUNK]
+        conn.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
+
+
 class SqliteTransaction:
-    def __init__(self, db: aiosqlite.Connection, lease_seconds: float) -> None:
+    """Begins with its first step and ends with ``write`` (or, if no write comes, when
+    ``SqliteStore.transaction`` commits it); ``SqliteStore.transaction`` rolls back what
+    did not commit."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        lease_seconds: float,
+        take_forgotten: Callable[[], list[int]],
+    ) -> None:
         self._db = db
         self._lease_seconds = lease_seconds
+        self._take_forgotten = take_forgotten
+        self.forgotten: list[int] = []
+        """Relayed outbox rows this transaction deletes: given back if it does not commit."""
+        self.begun = False
+        self.committed = False
+
+    def _step(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        if self.committed:
+            raise RuntimeError("write() ends a transaction; nothing may follow it")
+        if self.begun:
+            return run_in_thread(self._db, fn, *args)
+        # Marked before the trip: cancelled while the thread runs BEGIN, the caller must
+        # still roll back whatever it opened.
+        self.begun = True
+        self.forgotten = self._take_forgotten()
+        return run_in_thread(self._db, _begin_then, self.forgotten, fn, *args)
 
     async def lock(self, keys: Collection[str]) -> None:
         """BEGIN IMMEDIATE already holds the database's single write lock."""
 
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
-        if not keys:
-            return {}
-        return await run_in_thread(self._db, _load_replies, keys)
+        return await self._step(_load_replies, keys)
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
-        return await run_in_thread(self._db, _load_codes, scopes)
+        return await self._step(_load_codes, scopes)
 
     async def load_sends(
         self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
     ) -> SendCounts:
-        return await run_in_thread(self._db, _load_sends, scope_keys, destination_keys, since)
+        return await self._step(_load_sends, scope_keys, destination_keys, since)
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
-        return await run_in_thread(self._db, _load_streaks, users)
+        return await self._step(_load_streaks, users)
 
     async def load_state(self, wanted: StateKeys) -> State:
-        return await run_in_thread(self._db, _load_state, wanted)
+        return await self._step(_load_state, wanted)
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         created = ts(now)
-        return await run_in_thread(self._db, _write, writes, created, created + self._lease_seconds)
+        rows = await self._step(_write_and_commit, writes, created, created + self._lease_seconds)
+        self.committed = True
+        return rows
+
+    async def begin(self) -> None:
+        """Begins now, in a trip of its own (for statements run on the connection itself)."""
+        await self._step(_nothing)
+
+    async def finish(self) -> None:
+        """Commits a transaction that had steps but no ``write``."""
+        if self.begun and not self.committed:
+            await run_in_thread(self._db, commit)
+            self.committed = True
