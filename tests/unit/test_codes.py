@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -36,19 +37,36 @@ def chi_square(codes: list[str], position: int) -> float:
     return sum((counts.get(str(d), 0) - expected) ** 2 / expected for d in range(10))
 
 
-CHI2_999_DF9 = 27.88  # 99.9% quantile of chi-square with 9 degrees of freedom
+def chi2_df9_survival(x: float) -> float:
+    """P(X > x) for chi-square with 9 degrees of freedom (closed form for odd degrees)."""
+    series = 1 + x / 3 + x**2 / 15 + x**3 / 105
+    return math.erfc(math.sqrt(x / 2)) + math.sqrt(2 * x / math.pi) * math.exp(-x / 2) * series
+
+
+def chi2_df9_quantile(tail: float) -> float:
+    low, high = 0.0, 200.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if chi2_df9_survival(middle) > tail else (low, middle)
+    return low
+
+
+POSITIONS_TESTED = 6 + 10
+CHI2_LIMIT = chi2_df9_quantile(1e-6 / POSITIONS_TESTED)
+"""About 51.3. Bonferroni over every position the next test checks: a uniform source fails
+a run about once in a million (with each position at 0.001 it was one run in sixty)."""
 
 
 @pytest.mark.parametrize("length", [6, 10])
 def test_digits_are_uniform_chi_square(length: int) -> None:
-    """100,000 codes: every position's digits pass a chi-square test of uniformity.
+    """300,000 codes: every position's digits pass a chi-square test of uniformity.
 
-    A uniform source fails one position with probability 0.001, so the test is stable; a
-    biased source fails it clearly (see the next test).
+    Enough codes that a naive modulo bias on one position (expected statistic ~120, see the
+    next test) fails it, yet a uniform source passes all but once in a million runs.
     """
-    codes = [generate_code(length) for _ in range(100_000)]
+    codes = [generate_code(length) for _ in range(300_000)]
     for position in range(length):
-        assert chi_square(codes, position) < CHI2_999_DF9, f"position {position}"
+        assert chi_square(codes, position) < CHI2_LIMIT, f"position {position}"
 
 
 def test_the_uniformity_check_catches_a_modulo_bias() -> None:
@@ -65,8 +83,15 @@ def test_the_uniformity_check_catches_a_modulo_bias() -> None:
         )
         for _ in range(300_000)
     ]
-    assert chi_square(codes, 0) > CHI2_999_DF9
-    assert chi_square(codes, 5) < CHI2_999_DF9
+    assert chi_square(codes, 0) > CHI2_LIMIT
+    assert chi_square(codes, 5) < CHI2_LIMIT
+
+
+def test_the_chi_square_tail_is_the_textbook_one() -> None:
+    """The closed form against the tables: 27.88 is chi-square(9)'s 99.9 % quantile."""
+    assert chi2_df9_survival(27.88) == pytest.approx(0.001, rel=0.01)
+    assert chi2_df9_survival(16.92) == pytest.approx(0.05, rel=0.01)
+    assert 51 < CHI2_LIMIT < 52
 
 
 def test_hmac_verifies_only_the_right_code_for_its_code_id() -> None:
