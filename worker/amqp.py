@@ -111,6 +111,9 @@ def json_properties(
     )
 
 
+CANCEL_GRACE_SECONDS = 1.0
+"""How long a cancelled publish gets to end before it is reported as not confirmed."""
+
 Outgoing = tuple[str, str, bytes, spec.Basic.Properties]
 """Exchange, routing key, body and properties of one message to publish."""
 
@@ -173,9 +176,13 @@ class Publisher:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            # Bounded too: a publish that does not end on its cancel must not hold up the
+            # caller (the relay, or a shutdown) for ever; its row simply stays for a retry.
+            await asyncio.wait(pending, timeout=CANCEL_GRACE_SECONDS)
         return [
-            TimeoutError("no confirm in time") if task.cancelled() else task.exception()
+            task.exception()
+            if task.done() and not task.cancelled()
+            else TimeoutError("no confirm in time")
             for task in tasks
         ]
 

@@ -73,11 +73,14 @@ class OutboxRelay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Cancels the relay and waits at most ``timeout`` for it to end: what it was
+        publishing keeps its outbox row, so nothing is lost by not waiting longer."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            _, running = await asyncio.wait([self._task], timeout=timeout)
+            if running:
+                log.warning("outbox relay did not stop in time", seconds=timeout)
 
     async def _run(self) -> None:
         """Publishes what is submitted as it comes; every half lease, claims leftovers.
