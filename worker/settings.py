@@ -72,7 +72,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    prefetch: int = Field(256, ge=1, le=65535)
+    prefetch: int = Field(512, ge=1, le=65535)
+    """Twice the batch size by default: while one full batch is in its transaction, the
+    broker can already deliver the next (with prefetch equal to the batch size it waits
+    for the first batch's ack, and the pipeline runs one batch at a time)."""
     batch_size: int = Field(256, ge=1, le=2000)
     sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
     sqlite_cache_mib: int = Field(2, ge=1, le=4096)
