@@ -10,7 +10,7 @@ import pytest
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
 from worker.store import Store, open_store
-from worker.store.base import OutboxEvent, Send, StateKeys, Writes
+from worker.store.base import OutboxEvent, Send, StateKeys, TransactionEnded, Writes
 from worker.store.keys import scope_key
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -171,7 +171,7 @@ async def test_write_ends_a_transaction(store: Store) -> None:
     """SQLite commits in the write's own trip, so every store refuses a step after it."""
     async with store.transaction() as tx:
         await tx.write(Writes(codes={SCOPE: code()}), NOW)
-        with pytest.raises(RuntimeError, match="ends a transaction"):
+        with pytest.raises(TransactionEnded, match="ends a transaction"):
             await tx.load_codes([SCOPE])
     async with store.transaction() as tx:
         assert list(await tx.load_codes([SCOPE])) == [SCOPE]

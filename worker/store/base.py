@@ -23,6 +23,13 @@ class TransientStoreError(Exception):
     """The store could not answer now (locked, connection lost); the batch may be retried."""
 
 
+class TransactionEnded(RuntimeError):
+    """A step after ``write``, which ends a transaction on every store."""
+
+    def __init__(self) -> None:
+        super().__init__("write() ends a transaction; nothing may follow it")
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     event_id: str

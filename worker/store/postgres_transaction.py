@@ -20,6 +20,7 @@ from worker.store.base import (
     SendCounts,
     State,
     StateKeys,
+    TransactionEnded,
     Writes,
     code_row,
     load_state_one_by_one,
@@ -66,7 +67,7 @@ class PostgresTransaction:
         """SQLite commits in ``write``; refusing steps after it here too keeps the stores
         interchangeable."""
         if self._written:
-            raise RuntimeError("write() ends a transaction; nothing may follow it")
+            raise TransactionEnded
 
     async def lock(self, keys: Collection[str]) -> None:
         """Advisory locks in the given (sorted) order: every process takes them in the same

@@ -27,6 +27,7 @@ from worker.store.base import (
     SendCounts,
     State,
     StateKeys,
+    TransactionEnded,
     TransientStoreError,
     Writes,
     code_row,
@@ -271,7 +272,7 @@ class SqliteTransaction:
 
     def _step(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         if self.committed:
-            raise RuntimeError("write() ends a transaction; nothing may follow it")
+            raise TransactionEnded
         if self.begun:
             return run_in_thread(self._db, fn, *args)
         # Marked before the trip: cancelled while the thread runs BEGIN, the caller must
