@@ -29,6 +29,7 @@ from contracts.topology import (
     REPLAYS_HEADER,
     ROUTING_KEY_HEADER,
 )
+from worker import settlement
 from worker.amqp import copy_message
 
 DIAGNOSTIC_HEADERS = (REASON_HEADER, ERROR_TYPE_HEADER, ROUTING_KEY_HEADER, REDACTED_HEADER)
@@ -157,14 +158,14 @@ async def _walk(url: str, timeout: float, limit: int, visit: Visitor) -> None:
                 held.append(message)
                 step = await visit(message, channel)
                 if step.ack:
-                    await message.ack()
+                    await settlement.ack(message)
                     held.pop()
                 if step.stop:
                     break
         finally:
             for message in held:
                 if not channel.is_closed:
-                    await message.nack(requeue=True)
+                    await settlement.nack(message, requeue=True)
     finally:
         await connection.close()
 

@@ -18,6 +18,7 @@ from contracts.topology import (
     REDACTED_HEADER,
     ROUTING_KEY_HEADER,
 )
+from worker import settlement
 from worker.amqp import copy_message
 from worker.log import get_logger
 
@@ -75,9 +76,9 @@ async def park_undeliverable(
         )
     except Exception as exc:
         log.warning("could not park an undeliverable command; it stays queued", error=repr(exc))
-        await message.nack(requeue=True)
+        await settlement.nack(message, requeue=True)
         return
-    await message.ack()
+    await settlement.ack(message)
 
 
 def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:

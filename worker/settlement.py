@@ -1,10 +1,13 @@
-"""Acknowledging a batch of deliveries with as few frames as possible, safely."""
+"""Acknowledging deliveries: with as few frames as possible, and never waiting on a dead channel."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 
 from worker.log import get_logger
 
@@ -33,12 +36,16 @@ class Settlement:
         await requeue_all(self._requeues)
         last_by_channel: dict[int, AbstractIncomingMessage] = {}
         for message in self._acks:
-            held = last_by_channel.get(id(message.channel))
+            try:
+                key = id(message.channel)
+            except ChannelInvalidStateError:
+                continue  # closed: the broker has requeued it, there is nothing to ack
+            held = last_by_channel.get(key)
             if held is None or (message.delivery_tag or 0) > (held.delivery_tag or 0):
-                last_by_channel[id(message.channel)] = message
+                last_by_channel[key] = message
         for message in last_by_channel.values():
             try:
-                await message.ack(multiple=True)
+                await ack(message, multiple=True)
             except Exception as exc:  # channel gone: the broker redelivers, replies are replayed
                 log.info(
                     "acks lost with their channel; commands will be redelivered", error=repr(exc)
@@ -50,6 +57,48 @@ class Settlement:
 async def requeue_all(messages: Sequence[AbstractIncomingMessage]) -> None:
     for message in messages:
         try:
-            await message.nack(requeue=True)
+            await nack(message, requeue=True)
         except Exception as exc:
             log.info("requeue lost with its channel; the broker redelivers", error=repr(exc))
+
+
+async def ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> None:
+    """``message.ack``, given up (``ChannelInvalidStateError``) once its channel closes."""
+    await _while_open(message, message.ack(multiple=multiple))
+
+
+async def nack(message: AbstractIncomingMessage, *, requeue: bool) -> None:
+    """``message.nack``, given up (``ChannelInvalidStateError``) once its channel closes."""
+    await _while_open(message, message.nack(requeue=requeue))
+
+
+async def reject(message: AbstractIncomingMessage, *, requeue: bool) -> None:
+    """``message.reject``, given up (``ChannelInvalidStateError``) once its channel closes."""
+    await _while_open(message, message.reject(requeue=requeue))
+
+
+async def _while_open(message: AbstractIncomingMessage, send: Coroutine[Any, Any, None]) -> None:
+    """Sends an ack, nack or reject, and stops waiting for it when its channel closes.
+
+    aiormq checks that the channel is open, then waits for room in the connection's bounded
+    write queue. When the connection dies between the two, nothing drains that queue and
+    nothing cancels the wait: the caller (for the command consumer, every batch behind
+    this one) would wait for ever on a channel whose deliveries the broker has requeued.
+    """
+    try:
+        closed = message.channel.closing  # aio-pika raises here once the channel is closed
+    except BaseException:
+        send.close()
+        raise
+    sent = asyncio.ensure_future(send)
+    try:
+        await asyncio.wait({sent, closed}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        sent.cancel()
+        raise
+    finally:
+        closed.cancel()  # an observer: cancelling it leaves the channel alone
+    if not sent.done():
+        sent.cancel()
+        raise ChannelInvalidStateError("channel closed before the frame was sent")
+    sent.result()

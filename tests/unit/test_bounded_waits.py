@@ -1,7 +1,8 @@
-"""Shutdown paths never wait unbounded on a publish that ignores its cancel.
+"""Nothing waits unbounded on a channel that died: not a shutdown on a publish that ignores
+its cancel, not a batch on an ack sent while its connection was dying.
 
-No broker: a stub channel stands in for aiormq's, whose publishes can be stuck on a
-connection that is neither alive nor closed. What is checked is our waiting, not AMQP.
+No broker: stub channels stand in for aiormq's, whose frames can be stuck on a connection
+that is neither alive nor closed. What is checked is our waiting, not AMQP.
 """
 
 from __future__ import annotations
@@ -10,8 +11,16 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+from aio_pika import IncomingMessage
+from aiormq import spec
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
+from pamqp.header import ContentHeader
+
 from worker.amqp import Outgoing, Publisher, json_properties
 from worker.relay import OutboxRelay
+from worker.settlement import Settlement, reject, requeue_all
 from worker.store.base import OutboxEvent, OutboxRow
 
 
@@ -81,3 +90,100 @@ async def test_relay_stop_gives_up_on_a_relay_that_does_not_end() -> None:
     publisher.release.set()
     await asyncio.wait([relay._task])
     assert relay._task.cancelled()
+
+
+class DyingChannel(Stubborn):
+    """aiormq's channel in the moment its connection dies: it still says open, so an ack
+    passes the check and then waits for room in a write queue nobody drains any more."""
+
+    class Connection:
+        basic_nack = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connection = self.Connection()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks: list[tuple[int, bool]] = []
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.done()
+
+    @property
+    def closing(self) -> asyncio.Future[None]:
+        observer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed.add_done_callback(lambda _: observer.done() or observer.set_result(None))
+        return observer
+
+    def close(self) -> None:
+        self._closed.set_result(None)
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acks.append((delivery_tag, multiple))
+        await self.hang()
+
+    async def basic_reject(self, delivery_tag: int, *, requeue: bool = True) -> None:
+        await self.hang()
+
+    async def basic_nack(
+        self, delivery_tag: int, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        await self.hang()
+
+
+async def ends_in_time(task: asyncio.Future[None], channel: DyingChannel) -> None:
+    """Fails, rather than hangs, when ``task`` waits on for the stuck frame."""
+    done, _ = await asyncio.wait({task}, timeout=5)
+    channel.release.set()
+    assert task in done, "still waiting on a closed channel"
+    task.result()
+
+
+def delivery(channel: Any, tag: int) -> IncomingMessage:
+    deliver = spec.Basic.Deliver(consumer_tag="c", delivery_tag=tag, routing_key="code.issue")
+    header = ContentHeader(properties=spec.Basic.Properties())
+    return IncomingMessage(DeliveredMessage(deliver, header, b"{}", channel))
+
+
+async def test_an_ack_stuck_on_a_dying_channel_ends_when_the_channel_closes() -> None:
+    channel = DyingChannel()
+    settlement = Settlement()
+    for tag in (1, 2, 3):
+        settlement.ack(delivery(channel, tag))
+    flushing = asyncio.ensure_future(settlement.flush())
+    await channel.entered.wait()
+    assert channel.acks == [(3, True)]
+    channel.close()
+    await ends_in_time(flushing, channel)
+    assert channel.cancels == 1
+
+
+async def test_a_requeue_stuck_on_a_dying_channel_ends_when_the_channel_closes() -> None:
+    channel = DyingChannel()
+    requeueing = asyncio.ensure_future(requeue_all([delivery(channel, 1), delivery(channel, 2)]))
+    await channel.entered.wait()
+    channel.close()
+    await ends_in_time(requeueing, channel)
+    assert channel.cancels == 1  # the second delivery's channel was closed: nothing sent
+
+
+async def test_deliveries_on_a_closed_channel_are_left_to_the_broker() -> None:
+    closed, live = DyingChannel(), DyingChannel()
+    closed.close()
+    live.release.set()
+    settlement = Settlement()
+    settlement.ack(delivery(closed, 7))
+    settlement.ack(delivery(live, 2))
+    await ends_in_time(asyncio.ensure_future(settlement.flush()), closed)
+    assert closed.acks == []
+    assert live.acks == [(2, True)]
+
+
+async def test_a_single_reject_reports_the_channel_that_closed_under_it() -> None:
+    channel = DyingChannel()
+    rejecting = asyncio.ensure_future(reject(delivery(channel, 4), requeue=False))
+    await channel.entered.wait()
+    channel.close()
+    with pytest.raises(ChannelInvalidStateError):
+        await ends_in_time(rejecting, channel)
+    assert channel.cancels == 1

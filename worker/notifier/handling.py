@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from contracts.events import CodeDelivered, CodeDeliveryFailed, CodeIssued
 from contracts.topology import EVENTS_EXCHANGE, event_routing_key
+from worker import settlement
 from worker.amqp import Publisher, json_properties
 from worker.log import get_logger
 from worker.notifier.delivery import Busy, Delivered, Deliverer, Failed, Outcome, Retry, Skip
@@ -57,7 +58,7 @@ class MessageHandler:
             event = CodeIssued.model_validate_json(message.body)
         except ValidationError:
             log.warning("not a code.issued event; dead-lettering it", message_id=message.message_id)
-            await message.reject(requeue=False)
+            await settlement.reject(message, requeue=False)
             return
         attempt = _attempt_of(message)
         structlog.contextvars.bind_contextvars(
@@ -66,7 +67,7 @@ class MessageHandler:
         if event.event_id in self._in_flight:
             # The copy in flight will deliver it, retry it, or come back if we die.
             log.info("duplicate of an event in flight; dropped")
-            await message.ack()
+            await settlement.ack(message)
             return
         self._in_flight.add(event.event_id)
         try:
@@ -75,7 +76,7 @@ class MessageHandler:
         except Exception as exc:
             log.warning("delivery interrupted; message requeued", error=repr(exc))
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await settlement.nack(message, requeue=True)
         finally:
             self._in_flight.discard(event.event_id)
 
@@ -108,7 +109,7 @@ class MessageHandler:
                 queue = self._claim_wait_queue
                 log.debug("another notifier is delivering it; parked", queue=queue)
                 await self._park(message, queue, attempt)
-        await message.ack()
+        await settlement.ack(message)
 
     async def _publish_outcome(self, event: CodeDelivered | CodeDeliveryFailed) -> None:
         await self._publisher.publish(
