@@ -132,7 +132,7 @@ class DyingChannel(Stubborn):
 
 
 async def ends_in_time(task: asyncio.Future[None], channel: DyingChannel) -> None:
-    """Fails, rather than hangs, when ``task`` waits on for the stuck frame."""
+    """Fails, rather than hangs, when ``task`` keeps waiting for the stuck frame."""
     done, _ = await asyncio.wait({task}, timeout=5)
     channel.release.set()
     assert task in done, "still waiting on a closed channel"
