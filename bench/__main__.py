@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import uvloop
 
 from bench.harness import BrokerSide, Proc, create_vhost, delete_vhost
 from bench.scenarios import Bench, Result
@@ -234,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         return await run(args, command_line)
 
+    # uvloop, as the worker and the raw consumer run: the bench shares the cores with them.
     try:
-        return asyncio.run(guarded())
+        return uvloop.run(guarded())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; processes stopped, vhost and temp dir removed", flush=True)
         return 130

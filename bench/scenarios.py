@@ -34,6 +34,8 @@ from bench.harness import (
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY
 
 CLIENT = "bench"
+LATENCY_WINDOW = 5.0
+"""Seconds of sending per window of the latency runs' p99-by-window figures."""
 
 
 @dataclass
@@ -387,6 +389,8 @@ class Bench:
             await broker.wait_consuming(proc)
             replies.reset(prefix, total)
             self.log(f"  {label}: offering {rate:,.0f} commands/s for {seconds:g} s to {proc.name}")
+            beam = broker_pid()
+            cpu_start = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
             start = time.perf_counter()
             for i, item in enumerate(items):
                 delay = start + i / rate - time.perf_counter()
@@ -396,13 +400,29 @@ class Bench:
                 await broker.publish_now(item)
             offered_for = time.perf_counter() - start
             await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
+            cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
+            span = time.perf_counter() - start
         finally:
             exit_code = await proc.stop()
-        measured = [
-            (at - sent[cid]) * 1000
+        cpu = {
+            f"{who}_cpu_share": _share(end - begin, span)
+            if begin is not None and end is not None
+            else None
+            for who, begin, end in zip(
+                ("consumer", "broker", "bench"), cpu_start, cpu_end, strict=True
+            )
+        }
+        timed = [
+            (sent[cid] - start, (at - sent[cid]) * 1000)
             for cid, at in zip(replies.correlation_ids, replies.times, strict=True)
             if sent[cid] - start >= warmup
         ]
+        measured = [ms for _, ms in timed]
+        # One p99 per window of LATENCY_WINDOW seconds of sending: a single stall of the
+        # shared host can decide a whole run's p99, and the windows show whether it did.
+        windows: dict[int, list[float]] = {}
+        for at, ms in timed:
+            windows.setdefault(int((at - warmup) // LATENCY_WINDOW), []).append(ms)
         statuses = Counter(orjson.loads(body).get("status", "?") for body in replies.bodies)
         figures = {
             "offered_rate": round(total / offered_for, 1),
@@ -415,12 +435,25 @@ class Bench:
             "p99_ms": round(percentile(measured, 0.99), 2),
             "max_ms": round(max(measured), 2),
             "mean_ms": round(statistics.fmean(measured), 2),
+            "window_seconds": LATENCY_WINDOW,
+            "p99_by_window_ms": [
+                round(percentile(values, 0.99), 1)
+                for _, values in sorted(windows.items())
+                if len(values) >= 100
+            ],
             "statuses": dict(statuses),
             "exit_code": exit_code,
+            **cpu,
         }
+        shares = ", ".join(
+            f"{who} {cpu[f'{who}_cpu_share']:.0%}"
+            for who in ("consumer", "broker", "bench")
+            if cpu[f"{who}_cpu_share"] is not None
+        )
         self.log(
             f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
-            f"max {figures['max_ms']:.1f} ms"
+            f"max {figures['max_ms']:.1f} ms; p99 by {LATENCY_WINDOW:g} s window "
+            f"{figures['p99_by_window_ms']}; CPU {shares}"
         )
         return figures
 

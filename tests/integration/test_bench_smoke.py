@@ -8,25 +8,32 @@ import sys
 from tests.support import ROOT
 
 
-def test_quick_benchmark_runs_and_reports_ratios() -> None:
+def _bench(*args: str) -> str:
+    """Runs ``python -m bench`` with ``args``; exit 0 (no problem in any scenario) or fails."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenarios",
-            "ceiling,issue",
-            "--commands",
-            "1000",
-        ],
+        [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=110,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    table = result.stdout
+    return result.stdout
+
+
+def test_quick_benchmark_runs_and_reports_ratios() -> None:
+    table = _bench("--quick", "--scenarios", "ceiling,issue", "--commands", "1000")
     assert "ceiling" in table and "issue" in table
     issue_row = next(line for line in table.splitlines() if line.startswith("issue "))
     assert "events 1000" in issue_row
+
+
+def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
+    # Exit 0 also says every reply came back "issued": a wrong status is a problem.
+    out = _bench(
+        "--scenarios", "latency", "--no-deps", "--latency-rate", "200",
+        "--latency-seconds", "3", "--latency-warmup", "0.5",
+    )  # fmt: skip
+    worker_line = next(line for line in out.splitlines() if "  lat: p50" in line)
+    assert "p99 by 5 s window [" in worker_line
+    assert "CPU consumer" in worker_line and "bench" in worker_line
