@@ -18,11 +18,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import orjson
-import uvloop
 
 from bench.harness import BrokerSide, Proc, create_vhost, delete_vhost
 from bench.scenarios import Bench, Result
@@ -235,9 +235,15 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         return await run(args, command_line)
 
-    # uvloop, as the worker and the raw consumer run: the bench shares the cores with them.
+    # The loop the worker and the raw consumer run (uvloop when installed): the bench
+    # shares the cores with them, and asyncio's own loop costs it more CPU.
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
     try:
-        return uvloop.run(guarded())
+        return runner(guarded())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; processes stopped, vhost and temp dir removed", flush=True)
         return 130
