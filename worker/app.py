@@ -34,7 +34,7 @@ from worker.service import CommandHandler, Crypto, Handled
 from worker.settings import Keys, Settings
 from worker.store import Store, open_store
 from worker.store.base import SweepResult
-from worker.watchdog import ConsumerWatchdog
+from worker.watchdog import ConsumerWatchdog, consume_at_start
 
 log = get_logger(__name__)
 
@@ -119,8 +119,9 @@ class Worker:
         )
         await self._watchdog.start()
         dead_letters = exchanges[DEAD_LETTER_EXCHANGE]
-        await undeliverable.consume(
-            partial(park_undeliverable, dead_letters, timeout=s.publish_timeout_seconds)
+        await consume_at_start(
+            undeliverable,
+            partial(park_undeliverable, dead_letters, timeout=s.publish_timeout_seconds),
         )
         self._spawn(self._sweep_forever, "sweeper")
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)

@@ -10,6 +10,12 @@ Python 3.11 ``asyncio.wait_for`` (used inside aiormq's RPCs and formerly here) r
 result instead of raising when a cancellation arrives in the same loop iteration as the reply,
 so a loop that relied on ``task.cancel()`` alone could swallow it and run forever, and whoever
 awaited the task (``Worker.stop()``) hung with it.
+
+The first consume is retried too (``consume_at_start``): RabbitMQ 3.10 closes the whole
+connection with 541 INTERNAL_ERROR when a consumer arrives at a quorum queue that another
+process declared a moment earlier, while the queue's Raft leader is still starting
+(``{badmatch,{error,noproc}}`` in ``rabbit_quorum_queue:consume/3`` in the broker's log).
+Replicas started together on a fresh vhost run into it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+from aiormq.exceptions import ChannelInvalidStateError, ConnectionClosed
 
 from worker.log import get_logger
 
@@ -27,6 +39,42 @@ log = get_logger(__name__)
 
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[Any]]
 STOP_GRACE_SECONDS = 10.0
+START_CONSUME_SECONDS = 30.0
+"""How long the first consume keeps trying while the broker closes the connection under it:
+long enough for the robust connection to come back (aio-pika reconnects after 5 s)."""
+RETRY_PAUSE_SECONDS = 0.5
+
+
+async def consume_at_start(
+    queue: AbstractQueue, on_message: OnMessage, *, seconds: float = START_CONSUME_SECONDS
+) -> ConsumerTag:
+    """``queue.consume``, tried again when the broker closes the connection under it.
+
+    The robust connection comes back by itself and the robust channel waits for it, so a
+    second consume succeeds. Only a closed connection (or a channel that is not open yet
+    again) is retried, and for at most ``seconds``; then its error is raised, for the entry
+    point to report. Any other error (no such queue, access refused) is raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    last: BaseException | None = None
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await queue.consume(on_message, timeout=10)
+        except TimeoutError:
+            if last is not None:
+                raise last from None
+            raise
+        except (ConnectionClosed, ChannelInvalidStateError) as exc:
+            if loop.time() + RETRY_PAUSE_SECONDS >= deadline:
+                raise
+            last = exc
+            log.warning(
+                "connection closed as we began consuming; consuming again once it is back",
+                queue=queue.name,
+                error=repr(exc),
+            )
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
 
 
 class ConsumerWatchdog:
@@ -49,7 +97,7 @@ class ConsumerWatchdog:
 
     async def start(self) -> None:
         """Registers the consumer, then starts watching it."""
-        self.tag = await self.queue.consume(self._on_message)
+        self.tag = await consume_at_start(self.queue, self._on_message)
         self._task = asyncio.create_task(self._watch(), name=f"watchdog-{self.queue.name}")
 
     async def consuming(self) -> bool:
