@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import orjson
 
 from bench.harness import BrokerSide, Proc, create_vhost, delete_vhost
 from bench.scenarios import Bench, Result
+from worker.loop import run as run_loop
 
 SCENARIOS = ("ceiling", "issue", "issue-quiet", "confirm", "latency", "rss", "prestored")
 # A scenario's figure is relative to another's: run that one first, even if not asked for.
@@ -235,15 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         return await run(args, command_line)
 
-    # The loop the worker and the raw consumer run (uvloop when installed): the bench
-    # shares the cores with them, and asyncio's own loop costs it more CPU.
-    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
+    # The loop the worker and the raw consumer run: the bench shares the cores with them,
+    # and asyncio's own loop costs it more CPU.
     try:
-        return runner(guarded())
+        return run_loop(guarded())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; processes stopped, vhost and temp dir removed", flush=True)
         return 130

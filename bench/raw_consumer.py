@@ -25,6 +25,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from contracts.topology import COMMAND_QUEUE_SPEC, EVENTS_EXCHANGE
+from worker.loop import run as run_loop
 
 # Sized like the worker's: an IssueResult reply and a code.issued event with a sealed code.
 _REPLY_PAD = "x" * 36
@@ -138,12 +139,7 @@ async def serve() -> None:
 
 
 def main() -> int:
-    runner = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
-    runner(serve())
+    run_loop(serve())
     return 0
 
 

@@ -14,6 +14,7 @@ from aiormq.exceptions import AMQPConnectionError
 
 from worker.log import configure, get_logger
 from worker.log import flush as flush_logs
+from worker.loop import run as run_loop
 from worker.settings import ConfigError, Keys, load_settings
 
 
@@ -57,13 +58,8 @@ async def _serve() -> None:
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Runs an entry point's coroutine with uvloop; a config error is one line and exit 2."""
-    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
     try:
-        runner(main())
+        run_loop(main())
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
