@@ -17,6 +17,7 @@ the retention are swept; by then no copy of the event is left.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from worker.store.sqlite import path_of
+from worker.store.sqlite import path_of, retry_locked
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS deliveries ("
@@ -124,17 +125,37 @@ class SqliteDeliveryStore:
         path = Path(path_of(url))
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA busy_timeout = 10000")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = NORMAL")
-        await db.execute(_CREATE.format(time="REAL"))
-        await db.execute(_CREATE_INDEX)
-        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(deliveries)")}
-        for name, kind in _ADD_COLUMNS:
-            if name not in columns:
-                kind = kind.format(time="REAL")
-                await db.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {kind}")
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            # Processes opening a new file together (replicas starting at once) are refused
+            # these locks without the busy handler being asked: retried, like the worker's.
+            await retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await retry_locked(lambda: cls._create_schema(db))
+        except BaseException:
+            # An open connection's thread would keep the process from exiting.
+            await db.close()
+            raise
         return cls(db)
+
+    @staticmethod
+    async def _create_schema(db: aiosqlite.Connection) -> None:
+        """In one write transaction, so two processes do not both add a missing column."""
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(_CREATE.format(time="REAL"))
+            await db.execute(_CREATE_INDEX)
+            info = await db.execute_fetchall("PRAGMA table_info(deliveries)")
+            columns = {row[1] for row in info}
+            for name, kind in _ADD_COLUMNS:
+                if name not in columns:
+                    kind = kind.format(time="REAL")
+                    await db.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {kind}")
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
 
     async def claim(
         self, event_id: str, token: str, now: datetime, lease_seconds: float
@@ -177,23 +198,27 @@ class PostgresDeliveryStore:
         import asyncpg
 
         pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-        async with pool.acquire() as conn:
-            # Two notifiers starting together may race on the catalogue; one of them wins.
-            for statement in (
-                _CREATE.format(time="TIMESTAMPTZ"),
-                _CREATE_INDEX,
-                *(
-                    f"ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS {name}"
-                    f" {kind.format(time='TIMESTAMPTZ')}"
-                    for name, kind in _ADD_COLUMNS
-                ),
-            ):
-                with contextlib.suppress(
-                    asyncpg.UniqueViolationError,
-                    asyncpg.DuplicateTableError,
-                    asyncpg.DuplicateColumnError,
+        try:
+            async with pool.acquire() as conn:
+                # Two notifiers starting together may race on the catalogue; one of them wins.
+                for statement in (
+                    _CREATE.format(time="TIMESTAMPTZ"),
+                    _CREATE_INDEX,
+                    *(
+                        f"ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS {name}"
+                        f" {kind.format(time='TIMESTAMPTZ')}"
+                        for name, kind in _ADD_COLUMNS
+                    ),
                 ):
-                    await conn.execute(statement)
+                    with contextlib.suppress(
+                        asyncpg.UniqueViolationError,
+                        asyncpg.DuplicateTableError,
+                        asyncpg.DuplicateColumnError,
+                    ):
+                        await conn.execute(statement)
+        except BaseException:
+            await pool.close()
+            raise
         return cls(pool)
 
     async def claim(

@@ -79,9 +79,9 @@ class SqliteStore:
             # default 2 MiB it bought no throughput with a million codes stored (README).
             await db.execute(f"PRAGMA cache_size={-1024 * int(cache_mib)}")
             store = cls(db, outbox_lease_seconds)
-            await _with_retries(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            await retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             await db.execute(f"PRAGMA synchronous={synchronous}")
-            await _with_retries(store._migrate)
+            await retry_locked(store._migrate)
         except BaseException:
             await db.close()
             raise
@@ -243,9 +243,10 @@ class SqliteStore:
             await self._db.close()
 
 
-async def _with_retries(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:
-    """Switching to WAL and migrating need locks that SQLite refuses at once, without its
-    busy handler, while other processes open the same new file: retry those briefly."""
+async def retry_locked(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:
+    """Switching to WAL and creating the schema need locks that SQLite refuses at once,
+    without its busy handler, while other connections open the same new file: retry those
+    briefly. Used by the worker's store and the notifier's."""
     for attempt in range(attempts):
         try:
             await step()
