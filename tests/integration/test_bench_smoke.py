@@ -37,3 +37,12 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     worker_line = next(line for line in out.splitlines() if "  lat: p50" in line)
     assert "p99 by 5 s window [" in worker_line
     assert "CPU consumer" in worker_line and "bench" in worker_line
+
+
+def test_quick_rss_run_reports_the_warm_and_final_sizes() -> None:
+    out = _bench(
+        "--scenarios", "rss", "--no-deps", "--rss-commands", "3000", "--rss-backlog", "500"
+    )
+    row = next(line for line in out.splitlines() if line.startswith("rss "))
+    assert "flat: 50%->100% growth" in row
+    assert "at 10%/25%/50%/100%: " in row and "3000 cmds, events 3000" in row
