@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from worker.store.sqlite import path_of, retry_locked
+from worker.store.sqlite_transaction import rollback_if_open, run_in_thread
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS deliveries ("
@@ -114,6 +115,23 @@ def _interpret(won: bool, token: str, row: Any) -> ClaimResult:
     return ClaimedElsewhere()
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """One write transaction, in one trip to the connection's thread, so two processes do
+    not both add a missing column."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_CREATE.format(time="REAL"))
+        conn.execute(_CREATE_INDEX)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+        for name, kind in _ADD_COLUMNS:
+            if name not in columns:
+                conn.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {kind.format(time='REAL')}")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback_if_open(conn)
+        raise
+
+
 class SqliteDeliveryStore:
     """One connection; WAL with ``synchronous=NORMAL``, since a lost row costs at most a resend."""
 
@@ -131,31 +149,12 @@ class SqliteDeliveryStore:
             # these locks without the busy handler being asked: retried, like the worker's.
             await retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
             await db.execute("PRAGMA synchronous = NORMAL")
-            await retry_locked(lambda: cls._create_schema(db))
+            await retry_locked(lambda: run_in_thread(db, _create_schema))
         except BaseException:
             # An open connection's thread would keep the process from exiting.
             await db.close()
             raise
         return cls(db)
-
-    @staticmethod
-    async def _create_schema(db: aiosqlite.Connection) -> None:
-        """In one write transaction, so two processes do not both add a missing column."""
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            await db.execute(_CREATE.format(time="REAL"))
-            await db.execute(_CREATE_INDEX)
-            info = await db.execute_fetchall("PRAGMA table_info(deliveries)")
-            columns = {row[1] for row in info}
-            for name, kind in _ADD_COLUMNS:
-                if name not in columns:
-                    kind = kind.format(time="REAL")
-                    await db.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {kind}")
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
 
     async def claim(
         self, event_id: str, token: str, now: datetime, lease_seconds: float
