@@ -602,8 +602,9 @@ class Bench:
         )
         size = db_path.stat().st_size
         self.log(
-            f"  prestored: filled in {filled['seconds']:.1f} s "
-            f"({size / 2**20:.0f} MiB, {int(filled['sends'])} sends rows)"
+            f"  prestored: filled in {filled['seconds']:.1f} s, written to disk in "
+            f"{filled['flush_seconds']:.1f} s ({size / 2**20:.0f} MiB, "
+            f"{int(filled['sends'])} sends rows)"
         )
         items = issue_items(f"pre-{self.run_id}:", f"pre-{self.run_id}", self.args.commands)
         drained = await self.drain(
