@@ -8,11 +8,18 @@ Every call builds its command locally (so a malformed one fails here, with pydan
 and waits for the one reply the contract promises per distinct ``command_id``. A retry
 re-publishes the same ``command_id``: the worker's idempotency table makes that safe, and
 whichever attempt's reply arrives first answers the call.
+
+The connection is robust: when the broker goes away, aio-pika reconnects and reopens the
+channel, and the client consumes direct reply-to again before it lets the next command out.
+A call whose connection dropped under it counts that as a failed attempt and, with retries
+left, re-publishes once the client is back (direct reply-to belongs to the old channel, so
+the reply to the earlier attempt is lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -27,7 +34,12 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    PublishError,
+)
 from pydantic import ValidationError
 
 from contracts.commands import Channel, ConfirmCode, IssueCode
@@ -40,6 +52,8 @@ from contracts.topology import (
     ISSUE_ROUTING_KEY,
 )
 
+log = logging.getLogger(__name__)
+
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_DEDUPE_WINDOW = 4096
@@ -51,7 +65,11 @@ class OtpError(Exception):
     """Base of everything the client raises on purpose; the message is one readable line."""
 
 
-class OtpTimeout(OtpError):
+class OtpNoReply(OtpError):
+    """Every attempt ended without a reply; retrying with the same ``command_id`` is safe."""
+
+
+class OtpTimeout(OtpNoReply):
     """No reply arrived in time on any attempt (is a worker consuming ``otp.commands``?)."""
 
     def __init__(self, command_id: str, attempts: int, timeout: float) -> None:
@@ -60,6 +78,22 @@ class OtpTimeout(OtpError):
         )
         self.command_id = command_id
         self.attempts = attempts
+
+
+class OtpConnectionLost(OtpNoReply):
+    """The last attempt lost its connection to the broker (or found none) before a reply."""
+
+    def __init__(self, command_id: str, attempts: int) -> None:
+        super().__init__(
+            f"connection to the broker lost; no reply to command {command_id} after "
+            f"{attempts} attempt(s)"
+        )
+        self.command_id = command_id
+        self.attempts = attempts
+
+
+class _Lost(Exception):
+    """One attempt found no connection, or lost it while publishing."""
 
 
 class OtpUnroutable(OtpError):
@@ -82,14 +116,21 @@ class OtpClient:
         connection: AbstractConnection,
         channel: AbstractChannel,
         commands: AbstractExchange,
+        replies: AbstractQueue,
         *,
         timeout: float,
     ) -> None:
         self._connection = connection
         self._channel = channel
         self._commands = commands
+        self._replies = replies
         self._timeout = timeout
-        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage | None]] = {}
+        """Calls waiting for a reply, by correlation id."""
+        self._in_flight: set[asyncio.Future[AbstractIncomingMessage | None]] = set()
+        """The ones published on the current connection: ``None`` answers them if it drops."""
+        self._ready = asyncio.Event()
+        """Set while the connection is up and direct reply-to is consumed on it."""
 
     @classmethod
     @asynccontextmanager
@@ -97,15 +138,19 @@ class OtpClient:
         cls, url: str, *, timeout: float = DEFAULT_TIMEOUT
     ) -> AsyncIterator[OtpClient]:
         """``async with OtpClient.connect(url) as otp:`` — closes the connection on exit."""
-        connection = await aio_pika.connect(
+        connection = await aio_pika.connect_robust(
             url, timeout=timeout, client_properties={"connection_name": "otp-client"}
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             commands = await _existing_exchange(channel, COMMANDS_EXCHANGE)
-            client = cls(connection, channel, commands, timeout=timeout)
             replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-            await replies.consume(client._on_reply, no_ack=True)
+            client = cls(connection, channel, commands, replies, timeout=timeout)
+            await client._consume_replies()
+            # The robust channel reopens after a lost connection and after a channel error
+            # alike, and calls these each time.
+            channel.close_callbacks.add(client._on_lost)
+            channel.reopen_callbacks.add(client._on_reconnected)
             yield client
         finally:
             await connection.close()
@@ -170,24 +215,43 @@ class OtpClient:
         timeout: float | None = None,
         retries: int = 0,
     ) -> ReplyT:
-        """Publishes ``command`` up to ``1 + retries`` times, all with one correlation id."""
+        """Publishes ``command`` up to ``1 + retries`` times, all with one correlation id.
+
+        An attempt ends with a reply, after ``timeout``, or when the connection drops; the
+        next one waits (up to ``timeout``) for the client to be connected again.
+        """
         timeout = self._timeout if timeout is None else timeout
         correlation_id = str(uuid.uuid4())
-        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
         body = command.model_dump_json(exclude_none=True).encode()
+        lost = False
         try:
             for _ in range(retries + 1):
-                await self._publish(routing_key, body, command, correlation_id, timeout)
+                future = self._pending.get(correlation_id)
+                if future is None or future.done():
+                    future = asyncio.get_running_loop().create_future()
+                    self._pending[correlation_id] = future
                 try:
+                    await self._publish(routing_key, body, command, correlation_id, timeout)
+                    self._in_flight.add(future)
                     message = await asyncio.wait_for(asyncio.shield(future), timeout)
                 except TimeoutError:
+                    lost = False
+                    continue
+                except _Lost:
+                    message = None
+                finally:
+                    self._in_flight.discard(future)
+                if message is None:
+                    lost = True
                     continue
                 return _parse_reply(message, reply_type)
+            if lost:
+                raise OtpConnectionLost(command.command_id, retries + 1)
             raise OtpTimeout(command.command_id, retries + 1, timeout)
         finally:
-            self._pending.pop(correlation_id, None)
-            future.cancel()
+            future = self._pending.pop(correlation_id, None)
+            if future is not None:
+                future.cancel()
 
     async def _publish(
         self,
@@ -207,9 +271,15 @@ class OtpClient:
             type=type(command).__name__,
         )
         try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise _Lost from None
+        try:
             await self._commands.publish(
                 message, routing_key=routing_key, mandatory=True, timeout=timeout
             )
+        except (AMQPConnectionError, ChannelInvalidStateError, ConnectionError):
+            raise _Lost from None
         except PublishError as exc:
             raise OtpUnroutable(
                 f"no queue takes {routing_key!r} on {COMMANDS_EXCHANGE}: has a worker ever run "
@@ -217,6 +287,26 @@ class OtpClient:
             ) from exc
         except TimeoutError:
             raise OtpTimeout(command.command_id, 1, timeout) from None
+
+    async def _consume_replies(self) -> None:
+        # Direct reply-to must be consumed before the first publish on a channel, and the
+        # robust channel does not restore it: this runs at connect and after each reconnect.
+        await self._replies.consume(self._on_reply, no_ack=True)
+        self._ready.set()
+
+    def _on_lost(self, _channel: object, _exc: BaseException | None = None) -> None:
+        self._ready.clear()
+        for future in self._in_flight:
+            if not future.done():
+                future.set_result(None)
+        self._in_flight.clear()
+
+    async def _on_reconnected(self, _channel: object) -> None:
+        try:
+            await self._consume_replies()
+        except Exception:
+            # The connection went away again; the next reopen tries once more.
+            log.warning("could not consume direct reply-to after reconnecting", exc_info=True)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
@@ -227,9 +317,11 @@ class OtpClient:
     async def subscribe(
         self, pattern: str = "#", *, dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     ) -> AsyncIterator[EventStream]:
-        """Binds a server-named exclusive queue to ``otp.events`` before yielding.
+        """Binds an exclusive queue to ``otp.events`` before yielding.
 
-        Events published after this returns are seen; the queue goes with the channel.
+        Events published after this returns are seen. The queue goes with the connection;
+        after a reconnect the robust channel declares and binds a new one, so the events
+        published in between are not seen.
         """
         channel = await self._connection.channel()
         try:
@@ -305,7 +397,9 @@ __all__ = [
     "EventStream",
     "OtpBadReply",
     "OtpClient",
+    "OtpConnectionLost",
     "OtpError",
+    "OtpNoReply",
     "OtpTimeout",
     "OtpUnroutable",
 ]

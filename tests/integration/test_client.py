@@ -11,14 +11,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 
-from contracts.client import OtpClient, OtpError, OtpTimeout, OtpUnroutable
+from contracts.client import (
+    OtpClient,
+    OtpConnectionLost,
+    OtpError,
+    OtpNoReply,
+    OtpTimeout,
+    OtpUnroutable,
+)
 from contracts.events import CodeConfirmed, CodeIssued
 from contracts.topology import COMMAND_QUEUE, COMMAND_QUEUE_SPEC, DEAD_LETTERS, EVENTS_EXCHANGE
 from tests.conftest import WorkerFactory
+from tests.proxy import TcpProxy
 from tests.support import ROOT
 from worker.amqp import declare_exchanges, declare_queue
 
@@ -45,6 +54,37 @@ async def queued_commands(url: str) -> int:
     async with channel_on(url) as channel:
         queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
         return queue.declaration_result.message_count or 0
+
+
+def confirmed_event(user: str) -> CodeConfirmed:
+    """A ``code.confirmed`` event as the worker would publish it, with a fresh id."""
+    return CodeConfirmed(
+        event_id=str(uuid.uuid4()),
+        occurred_at=datetime.now(UTC),
+        code_id="c1",
+        user=user,
+        client="c",
+        purpose="login",
+        attempts_used=1,
+    )
+
+
+async def until_queued(url: str, count: int) -> None:
+    """Waits (the per-test timeout bounds it) until ``count`` commands wait for a worker."""
+    while await queued_commands(url) < count:
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def proxied(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A TCP proxy to the broker, cut at will; the URL reconnects quickly through it."""
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    try:
+        yield proxy, f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.2"
+    finally:
+        await proxy.cut()
 
 
 async def test_issue_then_confirm(amqp_url: str, start_worker: WorkerFactory) -> None:
@@ -106,8 +146,7 @@ async def test_retried_call_is_idempotent(amqp_url: str, start_worker: WorkerFac
                 retries=200,
             )
         )
-        while await queued_commands(amqp_url) < 2:  # at least one retry is waiting
-            await asyncio.sleep(0.05)
+        await until_queued(amqp_url, 2)  # at least one retry is waiting
         await start_worker()
         first = await call
         again = await otp.issue(user="alice", client="c", channel="none", command_id=command_id)
@@ -123,20 +162,45 @@ async def test_retried_call_is_idempotent(amqp_url: str, start_worker: WorkerFac
     assert users.count("alice") == 1
 
 
+async def test_a_call_whose_connection_drops_is_published_again_after_reconnecting(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await declare_topology(amqp_url)
+    async with proxied(amqp_url) as (proxy, url), OtpClient.connect(url) as otp:
+        call = asyncio.create_task(
+            otp.issue(user="alice", client="c", channel="none", timeout=30, retries=1)
+        )
+        await until_queued(amqp_url, 1)  # published; its reply would come on this connection
+        await proxy.cut()
+        await proxy.restore()
+        # The drop ended the first attempt at once (its timeout is 30 s); the second went out
+        # on the new connection, with direct reply-to consumed there again.
+        await until_queued(amqp_url, 2)
+        await start_worker()
+        issued = await call
+        assert issued.status == "issued"
+        assert proxy.connections == 2
+
+
+async def test_a_call_without_retries_reports_the_lost_connection(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    async with proxied(amqp_url) as (proxy, url), OtpClient.connect(url) as otp:
+        await proxy.cut()
+        with pytest.raises(OtpConnectionLost, match="1 attempt") as raised:
+            await otp.issue(user="alice", client="c", channel="none", timeout=0.5)
+        assert isinstance(raised.value, OtpNoReply)
+        await proxy.restore()
+        issued = await otp.issue(user="alice", client="c", channel="none", timeout=10)
+        assert issued.status == "issued"
+
+
 async def test_events_are_parsed_and_deduplicated(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
     await start_worker()
-    now = datetime.now(UTC)
-    repeated = CodeConfirmed(
-        event_id=str(uuid.uuid4()),
-        occurred_at=now,
-        code_id="c1",
-        user="bob",
-        client="c",
-        purpose="login",
-        attempts_used=1,
-    )
+    repeated = confirmed_event("bob")
     async with OtpClient.connect(amqp_url) as otp, otp.subscribe("code.*") as stream:
         async with channel_on(amqp_url) as channel:
             exchange = await channel.get_exchange(EVENTS_EXCHANGE)
@@ -154,6 +218,34 @@ async def test_events_are_parsed_and_deduplicated(
     assert [type(e) for e in seen] == [CodeConfirmed, CodeIssued]
     assert seen[0] == repeated
     assert seen[1].user == "alice"
+
+
+async def test_a_subscription_goes_on_after_a_reconnect(amqp_url: str) -> None:
+    await declare_topology(amqp_url)
+
+    def confirmed(user: str) -> bytes:
+        return confirmed_event(user).model_dump_json().encode()
+
+    async with (
+        proxied(amqp_url) as (proxy, url),
+        OtpClient.connect(url) as otp,
+        otp.subscribe("code.*") as stream,
+        channel_on(amqp_url) as channel,
+    ):
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        events = aiter(stream)
+        await exchange.publish(aio_pika.Message(confirmed("before")), "code.confirmed")
+        assert (await anext(events)).user == "before"
+        await proxy.cut()
+        await proxy.restore()
+        # Events sent before the new queue is bound are lost (that is documented); keep
+        # sending until one arrives, which only happens once the subscription is back.
+        next_event = asyncio.ensure_future(anext(events))
+        while not next_event.done():
+            await exchange.publish(aio_pika.Message(confirmed("after")), "code.confirmed")
+            await asyncio.wait([next_event], timeout=0.1)
+        assert next_event.result().user == "after"
+        assert proxy.connections == 2
 
 
 BLOCKER = """
