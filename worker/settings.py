@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     sms_gateway_url: str | None = None
     templates_dir: Path | None = None
     smtp_timeout_seconds: float = Field(15.0, gt=0)
+    smtp_pool_size: int = Field(4, ge=0, le=100)
     sms_timeout_seconds: float = Field(10.0, gt=0)
 
     notifier_prefetch: int = Field(32, ge=1, le=1000)

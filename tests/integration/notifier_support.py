@@ -67,6 +67,8 @@ class SmtpServer:
         self.answers: list[str] = []
         self.hold_after: int | None = None
         self.held = 0
+        self.sessions = 0
+        """Connections that said EHLO: one per connection, as this server offers no STARTTLS."""
         self._accept_held = False
         self.changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -81,6 +83,26 @@ class SmtpServer:
     def stop(self) -> None:
         self.release()
         self._controller.stop()
+
+    def restart(self) -> None:
+        """Stops (dropping every open connection, as a server restart does) and starts again
+        on the same port."""
+        self._controller.stop()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        with self._lock:
+            self.sessions += 1
+        return responses
+
+    def hold(self, after: int) -> None:
+        """Makes every DATA beyond ``after`` mails wait for ``release()``, also after one."""
+        self._controller.loop.call_soon_threadsafe(self._gate.clear)
+        self.hold_after = after
 
     def release(self, *, accept: bool = False) -> None:
         """Held DATA commands answer 451 (their client is gone, or will retry), or accept."""

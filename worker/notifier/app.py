@@ -55,6 +55,7 @@ class Notifier:
         self._email = email
         self._sms = sms
         self._http: HttpSmsTransport | None = None
+        self._smtp: SmtpTransport | None = None
         self.store: DeliveryStore | None = None
         self.connection: AbstractRobustConnection | None = None
         self._handler: MessageHandler | None = None
@@ -137,7 +138,7 @@ class Notifier:
             sms = sms or ConsoleTransport()
         if email is None:
             password = s.smtp_password.get_secret_value() if s.smtp_password else None
-            email = SmtpTransport(
+            self._smtp = SmtpTransport(
                 SmtpConfig(
                     host=s.smtp_host,
                     port=s.smtp_port,
@@ -146,8 +147,10 @@ class Notifier:
                     password=password,
                     starttls=s.smtp_starttls,
                     timeout=s.smtp_timeout_seconds,
+                    pool_size=s.smtp_pool_size,
                 )
             )
+            email = self._smtp
         if sms is None:
             self._http = HttpSmsTransport(s.sms_gateway_url, s.sms_timeout_seconds)
             sms = self._http
@@ -224,6 +227,9 @@ class Notifier:
         http, self._http = self._http, None
         if http is not None:
             await http.close()
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            await smtp.close()
         store, self.store = self.store, None
         if store is not None:
             await store.close()

@@ -1,0 +1,93 @@
+"""The SMTP transport's connection reuse, against a real aiosmtpd server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration.notifier_support import SmtpServer
+from worker.notifier.render import Email
+from worker.notifier.transports import SmtpConfig, SmtpTransport, TransientDeliveryError
+
+MAIL = Email(subject="Your code", text="plain", html="<p>html</p>")
+
+
+def transport(smtp: SmtpServer, pool_size: int = 4) -> SmtpTransport:
+    return SmtpTransport(
+        SmtpConfig(
+            host="127.0.0.1",
+            port=smtp.port,
+            sender="no-reply@example.org",
+            username=None,
+            password=None,
+            starttls=False,
+            timeout=10,
+            pool_size=pool_size,
+        )
+    )
+
+
+async def test_mails_in_turn_share_one_connection(smtp: SmtpServer) -> None:
+    email = transport(smtp)
+    for n in range(3):
+        await email.send_email(f"user{n}@example.org", MAIL, f"code-{n}")
+    await email.close()
+    assert [m.to for m in smtp.mails] == [[f"user{n}@example.org"] for n in range(3)]
+    assert smtp.sessions == 1
+
+
+async def test_a_connection_the_server_dropped_is_replaced_before_the_mail_goes(
+    smtp: SmtpServer,
+) -> None:
+    email = transport(smtp)
+    await email.send_email("before@example.org", MAIL, "code-1")
+    smtp.restart()  # the idle connection is gone; the next send must not fail for it
+    await email.send_email("after@example.org", MAIL, "code-2")
+    await email.close()
+    assert [m.to for m in smtp.mails] == [["before@example.org"], ["after@example.org"]]
+    assert smtp.sessions == 2
+
+
+async def test_overlapping_mails_never_wait_and_only_pool_size_stay_open(
+    smtp: SmtpServer,
+) -> None:
+    email = transport(smtp, pool_size=1)
+
+    async def overlapping(count: int) -> None:
+        smtp.hold(after=len(smtp.mails))
+        held = smtp.held
+        sends = [
+            asyncio.create_task(email.send_email(f"u{n}@example.org", MAIL, f"c{n}"))
+            for n in range(count)
+        ]
+        # Every send reached DATA at once: none waited for another's connection.
+        await smtp.wait_for(lambda: smtp.held == held + count)
+        smtp.release(accept=True)
+        await asyncio.gather(*sends)
+
+    await overlapping(3)
+    assert smtp.sessions == 3
+    await overlapping(2)  # one connection was kept from the first round, one more is opened
+    assert smtp.sessions == 4
+    await email.close()
+    assert len(smtp.mails) == 5
+
+
+async def test_pool_size_zero_opens_a_connection_per_mail(smtp: SmtpServer) -> None:
+    email = transport(smtp, pool_size=0)
+    await email.send_email("a@example.org", MAIL, "code-1")
+    await email.send_email("b@example.org", MAIL, "code-2")
+    assert len(smtp.mails) == 2
+    assert smtp.sessions == 2
+
+
+async def test_a_failed_mail_leaves_no_connection_behind(smtp: SmtpServer) -> None:
+    email = transport(smtp)
+    smtp.answers = ["451 4.3.0 try again later"]
+    with pytest.raises(TransientDeliveryError, match="451"):
+        await email.send_email("a@example.org", MAIL, "code-1")
+    await email.send_email("a@example.org", MAIL, "code-1")
+    await email.close()
+    assert len(smtp.mails) == 1
+    assert smtp.sessions == 2
