@@ -69,6 +69,7 @@ class SmtpServer:
         self.held = 0
         self.sessions = 0
         """Connections that said EHLO: one per connection, as this server offers no STARTTLS."""
+        self.quits = 0
         self._accept_held = False
         self.changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -90,6 +91,11 @@ class SmtpServer:
         self._controller.stop()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
         self._controller.start()
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        with self._lock:
+            self.quits += 1
+        return "221 Bye"
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]

@@ -32,9 +32,11 @@ async def test_mails_in_turn_share_one_connection(smtp: SmtpServer) -> None:
     email = transport(smtp)
     for n in range(3):
         await email.send_email(f"user{n}@example.org", MAIL, f"code-{n}")
-    await email.close()
+    assert smtp.quits == 0
+    await email.close()  # says goodbye on the kept connection
     assert [m.to for m in smtp.mails] == [[f"user{n}@example.org"] for n in range(3)]
     assert smtp.sessions == 1
+    assert smtp.quits == 1
 
 
 async def test_a_connection_the_server_dropped_is_replaced_before_the_mail_goes(

@@ -8,6 +8,7 @@ so they name status codes and exception types, never message content.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
@@ -19,6 +20,8 @@ import aiosmtplib
 import httpx
 
 from worker.notifier.render import Email, Sms
+
+QUIT_TIMEOUT_SECONDS = 2.0
 
 
 class DeliveryError(Exception):
@@ -144,12 +147,16 @@ class SmtpTransport:
             smtp.close()
 
     async def close(self) -> None:
-        """Says QUIT on every idle connection (at shutdown; a failed QUIT changes nothing)."""
+        """Says QUIT on every idle connection, all at once and briefly: this runs at shutdown,
+        and a QUIT that fails or goes unanswered changes nothing for the mails."""
         idle, self._idle = self._idle, []
-        for smtp, _ in idle:
+
+        async def quit(smtp: aiosmtplib.SMTP) -> None:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await smtp.quit()
+                await smtp.quit(timeout=min(self._config.timeout, QUIT_TIMEOUT_SECONDS))
             smtp.close()
+
+        await asyncio.gather(*(quit(smtp) for smtp, _ in idle))
 
 
 class HttpSmsTransport:
