@@ -19,6 +19,7 @@ the reply to the earlier attempt is lost).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -358,7 +359,10 @@ class EventStream:
     async def __aiter__(self) -> AsyncIterator[Any]:
         async with self._queue.iterator() as messages:
             async for message in messages:
-                await message.ack()
+                # One that came before a reconnect cannot be acked: its channel and its
+                # exclusive queue went with the old connection, so nothing is left to ack.
+                with contextlib.suppress(AMQPConnectionError, ChannelInvalidStateError):
+                    await message.ack()
                 try:
                     event = parse_event(message.body)
                 except ValidationError:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import pytest
@@ -54,6 +54,29 @@ async def queued_commands(url: str) -> int:
     async with channel_on(url) as channel:
         queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
         return queue.declaration_result.message_count or 0
+
+
+async def unacked_events(url: str) -> int:
+    """Deliveries not yet acked on the vhost's exclusive queues (the subscriptions'), as
+    the broker counts them; an exclusive queue cannot be inspected from another connection."""
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "-p",
+        vhost,
+        "exclusive",
+        "messages_unacknowledged",
+        "--no-table-headers",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await listing.communicate()
+    return sum(
+        int(unacked)
+        for exclusive, unacked in (line.split("\t") for line in out.decode().splitlines() if line)
+        if exclusive == "true"
+    )
 
 
 def confirmed_event(user: str) -> CodeConfirmed:
@@ -234,10 +257,16 @@ async def test_a_subscription_goes_on_after_a_reconnect(amqp_url: str) -> None:
     ):
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
         events = aiter(stream)
-        await exchange.publish(aio_pika.Message(confirmed("before")), "code.confirmed")
+        for user in ("before", "buffered-1", "buffered-2"):
+            await exchange.publish(aio_pika.Message(confirmed(user)), "code.confirmed")
         assert (await anext(events)).user == "before"
+        # The other two reached the client (the loop relays them while rabbitmqctl runs)
+        # and are not acked yet: their acks will have no channel to go to.
+        while await unacked_events(amqp_url) < 2:
+            pass
         await proxy.cut()
         await proxy.restore()
+        assert [(await anext(events)).user for _ in range(2)] == ["buffered-1", "buffered-2"]
         # Events sent before the new queue is bound are lost (that is documented); keep
         # sending until one arrives, which only happens once the subscription is back.
         next_event = asyncio.ensure_future(anext(events))
