@@ -137,7 +137,11 @@ class SmtpTransport:
             use_tls=False,
             timeout=c.timeout,
         )
-        await smtp.connect()  # EHLO, STARTTLS and login, as configured
+        try:
+            await smtp.connect()  # EHLO, STARTTLS and login, as configured
+        except BaseException:
+            smtp.close()  # a refused STARTTLS or login leaves the socket open otherwise
+            raise
         return smtp
 
     def _checkin(self, smtp: aiosmtplib.SMTP) -> None:
