@@ -7,15 +7,16 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, ChannelAccessRefused, ChannelPreconditionFailed
 
 from worker.log import configure, get_logger
 from worker.log import flush as flush_logs
 from worker.loop import run as run_loop
-from worker.settings import ConfigError, Keys, load_settings
+from worker.settings import ConfigError, Keys, Settings, load_settings
+from worker.store.base import TransientStoreError
 
 
 class StartupError(Exception):
@@ -25,6 +26,48 @@ class StartupError(Exception):
 def broker_address(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5672}{parts.path}"
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def start_or_stop(service: Service, settings: Settings) -> None:
+    """Starts ``service``; if that fails, stops what it had opened before raising.
+
+    Without the stop, a failed start hangs instead of exiting: an open SQLite store keeps
+    aiosqlite's (non-daemon) thread, and with it the process, alive after the loop ends.
+    Failures an operator causes become a ``StartupError``: one line, exit 1.
+    """
+    try:
+        await service.start()
+    except BaseException as exc:
+        await service.stop()
+        flush_logs()
+        reason = startup_failure(exc, settings)
+        if reason is None:
+            raise
+        raise StartupError(reason) from None
+
+
+def startup_failure(exc: BaseException, settings: Settings) -> str | None:
+    """The one line for a start that failed for a reason outside the code, else None."""
+    if isinstance(exc, AMQPConnectionError):
+        return f"cannot reach the broker at {broker_address(settings.amqp_url)}: {exc}"
+    if isinstance(exc, ChannelPreconditionFailed):
+        return (
+            f"the broker refused the topology: {exc} (a queue or exchange exists with other "
+            "arguments; see 'Changing queue arguments' in the README)"
+        )
+    if isinstance(exc, ChannelAccessRefused):
+        return f"the broker refused access: {exc}"
+    if isinstance(exc, TransientStoreError):
+        return f"cannot open the store: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot start: {exc}"
+    return None
 
 
 async def _serve() -> None:
@@ -37,14 +80,7 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await worker.start()
-    except (OSError, AMQPConnectionError) as exc:
-        await worker.stop()
-        flush_logs()
-        raise StartupError(
-            f"cannot reach the broker at {broker_address(settings.amqp_url)}: {exc}"
-        ) from None
+    await start_or_stop(worker, settings)
     try:
         while not stop.is_set():  # lines logged between batches go out within a moment
             with contextlib.suppress(TimeoutError):

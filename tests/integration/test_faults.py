@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import orjson
+import pytest
 
+from contracts.topology import COMMAND_QUEUE
 from tests.conftest import WorkerFactory
 from tests.proxy import TcpProxy
 from tests.support import Producer, event_log, producer, worker_env
@@ -190,16 +194,35 @@ def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> No
         assert len(lines) == 1 and variable in lines[0], result.stderr
 
 
-def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
-    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{tmp_path}/x.db", tmp_path)
+def run_until_exit(module: str, env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
+    """Runs ``python -m module`` to its end: (exit code, stderr lines)."""
     result = subprocess.run(
-        [__import__("sys").executable, "-m", "worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=cwd
     )
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "127.0.0.1:1" in lines[0], result.stderr
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
+    # Both open their SQLite store before the broker: a start that failed without closing it
+    # used to leave the process hanging on the store's thread instead of exiting.
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{tmp_path}/x.db", tmp_path)
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0], lines
+
+
+async def test_a_queue_declared_with_other_arguments_stops_the_worker_in_one_line(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(COMMAND_QUEUE, durable=True)  # classic, no dead-lettering
+    finally:
+        await connection.close()
+    env = worker_env(amqp_url, f"sqlite:///{tmp_path}/x.db", tmp_path)
+    code, lines = await asyncio.to_thread(run_until_exit, "worker", env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert "PRECONDITION_FAILED" in lines[0] and COMMAND_QUEUE in lines[0], lines

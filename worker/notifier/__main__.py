@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sys
 
-from worker.__main__ import run
+from worker.__main__ import run, start_or_stop
 from worker.log import configure, get_logger
 from worker.settings import Keys, load_settings
 
@@ -21,7 +21,7 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await notifier.start()
+    await start_or_stop(notifier, settings)
     try:
         await stop.wait()
     finally:

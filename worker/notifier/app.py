@@ -235,4 +235,5 @@ class Notifier:
             await store.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
-        log.info("notifier stopped")
+        if self._handler is not None:  # a start that failed early says why, and only that
+            log.info("notifier stopped")
