@@ -212,6 +212,14 @@ def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0], lines
 
 
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_unreachable_postgres_is_one_line(module: str, tmp_path: Path) -> None:
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", "postgresql://x@127.0.0.1:1/x", tmp_path)
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1 and "cannot connect to PostgreSQL" in lines[0], lines
+
+
 async def test_a_queue_declared_with_other_arguments_stops_the_worker_in_one_line(
     amqp_url: str, tmp_path: Path
 ) -> None:

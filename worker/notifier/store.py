@@ -196,7 +196,9 @@ class PostgresDeliveryStore:
     async def open(cls, url: str) -> PostgresDeliveryStore:
         import asyncpg
 
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+        from worker.store.postgres import connect_pool
+
+        pool = await connect_pool(url, min_size=1, max_size=4)
         try:
             async with pool.acquire() as conn:
                 # Two notifiers starting together may race on the catalogue; one of them wins.

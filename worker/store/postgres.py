@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -44,6 +45,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def connect_pool(url: str, **options: Any) -> asyncpg.Pool:
+    """``asyncpg.create_pool``, with a server that cannot be reached as a transient error
+    that names PostgreSQL (a bare "Connection refused" would not say what refused)."""
+    try:
+        return await asyncpg.create_pool(url, **options)
+    except TRANSIENT_ERRORS as exc:
+        raise TransientStoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, outbox_lease_seconds: float) -> None:
         self._pool = pool
@@ -53,12 +63,7 @@ class PostgresStore:
     async def open(
         cls, url: str, *, outbox_lease_seconds: float = 30.0, pool_size: int = 5
     ) -> PostgresStore:
-        try:
-            pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=pool_size, command_timeout=60
-            )
-        except TRANSIENT_ERRORS as exc:
-            raise TransientStoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        pool = await connect_pool(url, min_size=1, max_size=pool_size, command_timeout=60)
         store = cls(pool, outbox_lease_seconds)
         try:
             await store._migrate()
