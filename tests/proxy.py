@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 
 class TcpProxy:
@@ -54,3 +56,20 @@ class TcpProxy:
             self._links.discard(writer)
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def proxied(url: str, reconnect_interval: float = 0.2) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A proxy to the broker of ``url``, and that URL through it (a robust connection retries
+    every ``reconnect_interval`` seconds); the proxy is cut on the way out."""
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    through = (
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}"
+        f"?reconnect_interval={reconnect_interval:g}"
+    )
+    try:
+        yield proxy, through
+    finally:
+        await proxy.cut()

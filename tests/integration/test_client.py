@@ -27,7 +27,7 @@ from contracts.client import (
 from contracts.events import CodeConfirmed, CodeIssued
 from contracts.topology import COMMAND_QUEUE, COMMAND_QUEUE_SPEC, DEAD_LETTERS, EVENTS_EXCHANGE
 from tests.conftest import WorkerFactory
-from tests.proxy import TcpProxy
+from tests.proxy import proxied
 from tests.support import ROOT
 from worker.amqp import declare_exchanges, declare_queue
 
@@ -96,18 +96,6 @@ async def until_queued(url: str, count: int) -> None:
     """Waits (the per-test timeout bounds it) until ``count`` commands wait for a worker."""
     while await queued_commands(url) < count:
         await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def proxied(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    """A TCP proxy to the broker, cut at will; the URL reconnects quickly through it."""
-    parts = urlsplit(url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    try:
-        yield proxy, f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.2"
-    finally:
-        await proxy.cut()
 
 
 async def test_issue_then_confirm(amqp_url: str, start_worker: WorkerFactory) -> None:

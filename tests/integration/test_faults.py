@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -17,7 +16,7 @@ import pytest
 
 from contracts.topology import COMMAND_QUEUE
 from tests.conftest import WorkerFactory
-from tests.proxy import TcpProxy
+from tests.proxy import proxied
 from tests.support import Producer, event_log, producer, worker_env
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
@@ -89,13 +88,9 @@ async def test_sigkill_mid_burst_loses_nothing_and_changes_no_reply(
 async def test_cut_connection_mid_burst_resumes_without_restart(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
-    parts = urlsplit(amqp_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.5"
-    worker = await start_worker(amqp_url=proxied, reveal_clients="test-app")
     total = 600
-    try:
+    async with proxied(amqp_url, reconnect_interval=0.5) as (proxy, url):
+        worker = await start_worker(amqp_url=url, reveal_clients="test-app")
         async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
             futures = await publish_issues(otp, total, "cut")
             await wait_until(lambda: len(otp.reply_messages) >= total // 3)
@@ -116,8 +111,6 @@ async def test_cut_connection_mid_burst_resumes_without_restart(
             assert await worker.consuming()
             after = await otp.issue(user="after-the-cut")
             assert after["status"] == "issued"
-    finally:
-        await proxy.cut()
 
 
 async def test_stop_finishes_while_the_broker_is_unreachable(
@@ -125,18 +118,12 @@ async def test_stop_finishes_while_the_broker_is_unreachable(
 ) -> None:
     """Shutdown must not wait for a broker that is gone: cancelling the consumer used to
     wait, unbounded, for aio-pika to restore the channel first."""
-    parts = urlsplit(amqp_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.5"
-    worker = await start_worker(amqp_url=proxied)
-    try:
+    async with proxied(amqp_url, reconnect_interval=0.5) as (proxy, url):
+        worker = await start_worker(amqp_url=url)
         await proxy.cut()
         assert worker.connection is not None
         await wait_until(lambda: not worker.connection.connected.is_set())  # type: ignore[union-attr]
         await asyncio.wait_for(worker.stop(), 60)
-    finally:
-        await proxy.cut()
 
 
 async def test_a_lost_consumer_is_detected_and_restored(

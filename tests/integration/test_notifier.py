@@ -8,7 +8,6 @@ import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -27,7 +26,7 @@ from tests.integration.notifier_support import (
     crafted_event,
     publish_event,
 )
-from tests.proxy import TcpProxy
+from tests.proxy import proxied
 from tests.support import event_log, producer, start_process, worker_env
 from worker.amqp import declare_exchanges, declare_queue
 from worker.notifier.retry import NOTIFIER_QUEUE_SPEC
@@ -168,13 +167,8 @@ async def test_permanent_smtp_failure_is_reported(
 async def test_the_notifier_resumes_after_its_connection_is_cut(
     amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
 ) -> None:
-    parts = urlsplit(amqp_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    try:
-        await start_notifier(
-            amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}?reconnect_interval=0.2"
-        )
+    async with proxied(amqp_url) as (proxy, url):
+        await start_notifier(amqp_url=url)
         async with event_log(amqp_url) as events:
             await publish_event(amqp_url, crafted_event("111111"))
             await smtp.wait_for(lambda: len(smtp.mails) == 1)
@@ -186,8 +180,6 @@ async def test_the_notifier_resumes_after_its_connection_is_cut(
             await events.wait_for(lambda e: len(e.named("code.delivered")) == 2)
         assert "222222" in smtp.mails[1].text
         assert proxy.connections == 2
-    finally:
-        await proxy.cut()
 
 
 async def test_a_repeated_event_is_delivered_once(
