@@ -160,6 +160,14 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
         assert set(replies_by_command(otp)) == {f"term-{i}" for i in range(total)}
 
 
+def run_until_exit(module: str, env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
+    """Runs ``python -m module`` to its end: (exit code, stderr lines)."""
+    result = subprocess.run(
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+    return result.returncode, result.stderr.strip().splitlines()
+
+
 def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> None:
     base = worker_env("amqp://guest:guest@127.0.0.1:1/", "sqlite:///x.db", tmp_path)
     for variable, value in (
@@ -168,25 +176,9 @@ def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> No
         ("OTP_DELIVERY_KEY", "not-a-key"),
         ("OTP_SECRET_KEY", ""),
     ):
-        result = subprocess.run(
-            [__import__("sys").executable, "-m", "worker"],
-            env={**base, variable: value},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, result.stderr
-        assert len(lines) == 1 and variable in lines[0], result.stderr
-
-
-def run_until_exit(module: str, env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
-    """Runs ``python -m module`` to its end: (exit code, stderr lines)."""
-    result = subprocess.run(
-        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=cwd
-    )
-    return result.returncode, result.stderr.strip().splitlines()
+        code, lines = run_until_exit("worker", {**base, variable: value}, tmp_path)
+        assert code == 2, lines
+        assert len(lines) == 1 and variable in lines[0], lines
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])
