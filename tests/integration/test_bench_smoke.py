@@ -46,3 +46,11 @@ def test_quick_rss_run_reports_the_warm_and_final_sizes() -> None:
     row = next(line for line in out.splitlines() if line.startswith("rss "))
     assert "flat: 50%->100% growth" in row
     assert "at 10%/25%/50%/100%: " in row and "3000 cmds, events 3000" in row
+
+
+def test_quick_prestored_run_brings_its_own_empty_store_baseline() -> None:
+    out = _bench("--scenarios", "prestored", "--prestored", "2000", "--commands", "500")
+    assert "prestored-base1:" in out and "prestored-base2:" in out
+    row = next(line for line in out.splitlines() if line.startswith("prestored "))
+    assert "empty store, before/after" in row
+    assert "2,000 codes + replies stored" in row and "events 500" in row
