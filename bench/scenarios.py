@@ -145,6 +145,8 @@ class Bench:
         self.secret = secrets.token_urlsafe(32)
         self.delivery = Fernet.generate_key().decode()
         self.results: dict[str, Result] = {}
+        self._ceiling_after: float | None = None
+        """The raw consumer's run right after the issue run: the other side of its bracket."""
         self._dirs = 0
         self._confirm_load: tuple[list[Outgoing], list[Outgoing], Counter[str]] | None = None
 
@@ -263,18 +265,25 @@ class Bench:
             result.ratio = result.rate / other.rate
             result.ratio_to = label
 
+    @staticmethod
+    def _bracketed(result: Result, before: float | None, after: float | None, label: str) -> None:
+        """The ratio to the mean of the baseline runs just before and just after ``result``.
+
+        On a shared host the speed drifts within minutes (issue runs a minute apart have read
+        967 and 1 574/s), so one baseline reading measures the drift as much as the code; a
+        baseline on both sides cancels a steady drift. The readings go into the notes."""
+        bases = [r for r in (before, after) if r and r == r]  # r == r: not NaN
+        if result.rate and bases:
+            result.ratio = result.rate / statistics.fmean(bases)
+            result.ratio_to = f"{label}, before/after" if len(bases) == 2 else label
+        shown = " and ".join(f"{r:,.0f}/s" if r else "-" for r in (before, after))
+        result.notes.append(f"{label} just before and after: {shown}")
+        result.data["baseline_rates"] = [before, after]
+
     # ------------------------------------------------------------------ scenarios
 
     async def ceiling(self, result: Result) -> None:
-        items = issue_items(f"ceil-{self.run_id}:", f"ceil-{self.run_id}", self.args.commands)
-        drained = await self.drain(
-            "ceiling",
-            self.raw(self.new_dir("ceiling")),
-            items,
-            Counter({"raw": len(items)}),
-            events_expected=len(items),
-        )
-        self._fill(result, drained)
+        self._fill(result, await self._fresh_issue_run("ceiling", raw=True))
         result.ratio, result.ratio_to = 1.0, "itself"
         result.notes.append("raw aio-pika: consume, reply, confirmed persistent event, ack")
 
@@ -290,9 +299,27 @@ class Bench:
             events_expected=len(items),
         )
         self._fill(result, drained)
-        self._ratio(result, "ceiling", "ceiling")
+        if not quiet:
+            after = await self._fresh_issue_run("ceiling-after", raw=True)
+            result.problems.extend(f"ceiling after: {p}" for p in after.problems)
+            self._ceiling_after = after.rate
+        ceiling = self.results.get("ceiling")
+        self._bracketed(result, ceiling.rate if ceiling else None, self._ceiling_after, "ceiling")
         result.target, result.met = "ratio >= 1.0", _at_least(result.ratio, 1.0)
         result.notes.insert(0, "log level warning" if quiet else "default log level (info)")
+
+    async def _fresh_issue_run(self, tag: str, *, raw: bool) -> Drained:
+        """Issue commands to new users, drained by the raw consumer or an empty-store worker."""
+        prefix = f"{tag}-{self.run_id}"
+        items = issue_items(f"{prefix}:", prefix, self.args.commands)
+        directory = self.new_dir(tag)
+        return await self.drain(
+            tag,
+            self.raw(directory) if raw else self.worker(directory),
+            items,
+            Counter({"raw" if raw else "issued": len(items)}),
+            events_expected=len(items),
+        )
 
     async def confirm(self, result: Result) -> None:
         n = self.args.commands
@@ -363,16 +390,22 @@ class Bench:
             expected,
             events_expected=n,
         )
+        raw_after = await self.drain(
+            "ceiling (confirm mix, after)",
+            self.raw(self.new_dir("ceiling-confirm-after")),
+            load(f"cfraw2-{self.run_id}:"),
+            Counter({"raw": n}),
+            events_expected=n,
+        )
         self._fill(result, drained)
         result.data["ceiling"] = raw_drained.as_data()
         result.data["setup"] = setup_drained.as_data()
-        if result.rate and raw_drained.rate:
-            result.ratio = result.rate / raw_drained.rate
-            result.ratio_to = "ceiling on this mix"
-        result.problems.extend(f"ceiling: {p}" for p in raw_drained.problems)
+        result.problems.extend(f"ceiling on this mix: {p}" for p in raw_drained.problems)
+        result.problems.extend(f"ceiling on this mix, after: {p}" for p in raw_after.problems)
+        self._bracketed(result, raw_drained.rate, raw_after.rate, "ceiling on this mix")
         result.target, result.met = "ratio >= 1.0", _at_least(result.ratio, 1.0)
         share = ", ".join(f"{k} {v / n:.0%}" for k, v in sorted(expected.items()))
-        result.notes.insert(0, f"ceiling on this mix {raw_drained.rate:,.0f}/s; {share}")
+        result.notes.insert(0, share)
 
     async def _paced(
         self, label: str, proc: Proc, rate: float, seconds: float, warmup: float
@@ -610,7 +643,7 @@ class Bench:
         # host the speed drifts within minutes (readings of one minute apart differed by
         # 1.6x), so a ratio to the issue run of minutes earlier measured the drift as much
         # as the million rows. The mean of the two brackets cancels a steady drift.
-        before = await self._empty_store_run("prestored-base1")
+        before = await self._fresh_issue_run("prestored-base1", raw=False)
         items = issue_items(f"pre-{self.run_id}:", f"pre-{self.run_id}", self.args.commands)
         drained = await self.drain(
             "prestored",
@@ -619,34 +652,18 @@ class Bench:
             Counter({"issued": len(items)}),
             events_expected=len(items),
         )
-        after = await self._empty_store_run("prestored-base2")
+        after = await self._fresh_issue_run("prestored-base2", raw=False)
         self._fill(result, drained)
-        bases = [d.rate for d in (before, after) if d.rate]
-        if result.rate and len(bases) == 2:
-            result.ratio = result.rate / (sum(bases) / 2)
-            result.ratio_to = "empty store, before/after"
-        result.problems.extend(before.problems + after.problems)
+        for name, run in (("before", before), ("after", after)):
+            result.problems.extend(f"empty store {name}: {p}" for p in run.problems)
+        self._bracketed(result, before.rate, after.rate, "empty store")
         result.target, result.met = "ratio >= 0.9", _at_least(result.ratio, 0.9)
         result.notes.insert(
             0,
             f"{count:,} codes + replies stored ({size / 2**20:.0f} MiB, "
-            f"fill {filled['seconds']:.0f} s); empty store just before and after: "
-            f"{before.rate or 0:,.0f} and {after.rate or 0:,.0f}/s",
+            f"fill {filled['seconds']:.0f} s)",
         )
         result.data["fill"] = {**filled, "db_bytes": size}
-        result.data["empty_store_rates"] = [before.rate, after.rate]
-
-    async def _empty_store_run(self, tag: str) -> Drained:
-        """One issue run on an empty store: the prestored run's baseline."""
-        prefix = f"{tag}-{self.run_id}"
-        items = issue_items(f"{prefix}:", prefix, self.args.commands)
-        return await self.drain(
-            tag,
-            self.worker(self.new_dir(tag)),
-            items,
-            Counter({"issued": len(items)}),
-            events_expected=len(items),
-        )
 
     def _fill(self, result: Result, drained: Drained) -> None:
         result.rate = drained.rate

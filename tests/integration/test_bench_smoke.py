@@ -26,6 +26,7 @@ def test_quick_benchmark_runs_and_reports_ratios() -> None:
     assert "ceiling" in table and "issue" in table
     issue_row = next(line for line in table.splitlines() if line.startswith("issue "))
     assert "events 1000" in issue_row
+    assert "ceiling, before/after" in issue_row  # the raw consumer ran on both sides of it
 
 
 def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
@@ -52,5 +53,5 @@ def test_quick_prestored_run_brings_its_own_empty_store_baseline() -> None:
     out = _bench("--scenarios", "prestored", "--prestored", "2000", "--commands", "500")
     assert "prestored-base1:" in out and "prestored-base2:" in out
     row = next(line for line in out.splitlines() if line.startswith("prestored "))
-    assert "empty store, before/after" in row
+    assert "empty store, before/after" in row and "empty store just before and after" in row
     assert "2,000 codes + replies stored" in row and "events 500" in row
