@@ -34,15 +34,35 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-async def start_or_stop(service: Service, settings: Settings) -> None:
+async def start_or_stop(service: Service, settings: Settings, stop: asyncio.Event) -> bool:
     """Starts ``service``; if that fails, stops what it had opened before raising.
 
     Without the stop, a failed start hangs instead of exiting: an open SQLite store keeps
     aiosqlite's (non-daemon) thread, and with it the process, alive after the loop ends.
     Failures an operator causes become a ``StartupError``: one line, exit 1.
+
+    ``stop`` (set by SIGTERM) cancels a start still under way, which may be waiting on a
+    broker that does not answer: then what it had opened is closed, and the result is
+    False, for the entry point to exit 0 without serving.
     """
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    interrupted = False
     try:
-        await service.start()
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                interrupted = True  # whatever the start ends with now, the cancel caused it
+                starting.cancel()
+                await asyncio.wait({starting})
+        if interrupted and stop.is_set():
+            await service.stop()
+            get_logger(__name__).info("stopped before it had started")
+            flush_logs()
+            return False
+        starting.result()
     except BaseException as exc:
         await service.stop()
         flush_logs()
@@ -50,6 +70,7 @@ async def start_or_stop(service: Service, settings: Settings) -> None:
         if reason is None:
             raise
         raise StartupError(reason) from None
+    return True
 
 
 def startup_failure(exc: BaseException, settings: Settings) -> str | None:
@@ -80,7 +101,8 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await start_or_stop(worker, settings)
+    if not await start_or_stop(worker, settings, stop):
+        return
     try:
         while not stop.is_set():  # lines logged between batches go out within a moment
             with contextlib.suppress(TimeoutError):

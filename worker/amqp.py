@@ -18,7 +18,9 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aiormq import spec
+from aiormq.exceptions import AMQPConnectionError
 
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
 
@@ -29,18 +31,33 @@ _EXCHANGE_TYPES = {
 }
 
 
-async def connect(url: str, name: str) -> AbstractRobustConnection:
+async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnection:
     """A robust connection; a broker that is down at start fails fast and quietly, with one
-    exception for the entry point to report, instead of the client's reconnect chatter."""
+    exception for the entry point to report, instead of the client's reconnect chatter.
+
+    ``timeout`` bounds each attempt, this one and the robust connection's reconnects: a
+    broker that accepts the connection and never answers is reported as unreachable. A
+    connect that fails or is cancelled (SIGTERM during start) closes the connection, whose
+    reconnect task would otherwise go on trying: it takes a cancel for a failed attempt,
+    even the one that ends the event loop, so the process would never exit."""
     quiet = [logging.getLogger(n) for n in ("aiormq.connection", "aio_pika.robust_connection")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.CRITICAL)
+    connection = aio_pika.RobustConnection(
+        make_url(url), client_properties={"connection_name": name}
+    )
     try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        await connection.connect(timeout=timeout)
+    except BaseException as exc:
+        await connection.close()
+        if isinstance(exc, TimeoutError):
+            raise AMQPConnectionError(f"no answer within {timeout:g} s") from None
+        raise
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
+    return connection
 
 
 async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:

@@ -76,7 +76,7 @@ class Worker:
             cache_mib=s.sqlite_cache_mib,
             outbox_lease_seconds=s.outbox_lease_seconds,
         )
-        self.connection = await connect(s.amqp_url, "otp-worker")
+        self.connection = await connect(s.amqp_url, "otp-worker", s.amqp_connect_timeout_seconds)
         publish = await self.connection.channel(publisher_confirms=True)
         replies = await self.connection.channel(publisher_confirms=False)
         consume = await self.connection.channel(publisher_confirms=False)

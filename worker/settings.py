@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
     sqlite_cache_mib: int = Field(2, ge=1, le=4096)
     publish_timeout_seconds: float = Field(10.0, gt=0)
+    amqp_connect_timeout_seconds: float = Field(30.0, gt=0)
+    """Bound on opening the broker connection, at start and on every reconnect: a broker
+    that takes the TCP connection and never answers would otherwise hold it for ever."""
     outbox_lease_seconds: float = Field(10.0, gt=0)
     sweep_interval_seconds: float = Field(60.0, gt=0)
     code_retention_seconds: int = Field(86400, ge=0)

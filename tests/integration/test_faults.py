@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,53 @@ def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
     code, lines = run_until_exit(module, env, tmp_path)
     assert code == 1
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0], lines
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+async def test_sigterm_while_starting_stops_at_once(
+    module: str, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    # A broker address that takes the connection and never answers: the start waits on it,
+    # as on a broker that hangs. An operator's SIGTERM must not wait for that to end.
+    async with silent_broker() as (url, accepted):
+        env = worker_env(url, f"sqlite:///{tmp_path}/x.db", tmp_path)
+        process = spawn(module, env, "starting.log")
+        await asyncio.wait_for(accepted.wait(), 30)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        assert "stopped before it had started" in (tmp_path / "starting.log").read_text()
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+async def test_a_broker_that_never_answers_is_one_line(module: str, tmp_path: Path) -> None:
+    async with silent_broker() as (url, _):
+        env = worker_env(url, f"sqlite:///{tmp_path}/x.db", tmp_path)
+        env["OTP_AMQP_CONNECT_TIMEOUT_SECONDS"] = "0.5"
+        code, lines = await asyncio.to_thread(run_until_exit, module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1 and "no answer within 0.5 s" in lines[0], lines
+
+
+@contextlib.asynccontextmanager
+async def silent_broker() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """An AMQP URL whose server takes connections and never says a word, like a hung broker;
+    the event is set once a connection came."""
+    accepted = asyncio.Event()
+    links: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        links.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:{port}/", accepted
+    finally:
+        server.close()
+        for writer in links:
+            writer.transport.abort()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])

@@ -21,7 +21,8 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await start_or_stop(notifier, settings)
+    if not await start_or_stop(notifier, settings, stop):
+        return
     try:
         await stop.wait()
     finally:

@@ -100,7 +100,7 @@ class Notifier:
             self.metrics_port = await self.metrics_server.start(s.metrics_host, s.metrics_port)
         self.store = await open_delivery_store(s.database_url)
         deliverer = self._build_deliverer(self.store)
-        self.connection = await connect(s.amqp_url, "otp-notifier")
+        self.connection = await connect(s.amqp_url, "otp-notifier", s.amqp_connect_timeout_seconds)
         publish = await self.connection.channel(publisher_confirms=True)
         consume = await self.connection.channel(publisher_confirms=False)
         await consume.set_qos(prefetch_count=s.notifier_prefetch)
