@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -50,7 +51,8 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     try:
         await connection.connect(timeout=timeout)
     except BaseException as exc:
-        await connection.close()
+        with contextlib.suppress(Exception):  # the failure to report is the connect's
+            await connection.close()
         if isinstance(exc, TimeoutError):
             raise AMQPConnectionError(f"no answer within {timeout:g} s") from None
         raise
