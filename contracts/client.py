@@ -34,7 +34,9 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
@@ -105,6 +107,26 @@ class OtpBadReply(OtpError):
     """A reply arrived that is not the contract's reply type."""
 
 
+async def connect_robust(url: str, *, name: str, timeout: float) -> AbstractRobustConnection:
+    """``aio_pika.connect_robust``, except that a connect that fails or is cancelled closes
+    the connection it began.
+
+    aio-pika starts the robust connection's reconnect task with the first attempt, and that
+    task takes a cancel for a failed attempt, even the one ``asyncio.run`` sends as it ends:
+    a cancelled connect (the caller's own timeout, a SIGTERM during start) would leave it
+    trying again every few seconds, for ever, and the program unable to exit."""
+    connection = aio_pika.RobustConnection(
+        make_url(url), client_properties={"connection_name": name}
+    )
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the failure to report is the connect's
+            await connection.close()
+        raise
+    return connection
+
+
 class OtpClient:
     """One connection, one channel for commands and their replies.
 
@@ -139,9 +161,7 @@ class OtpClient:
         cls, url: str, *, timeout: float = DEFAULT_TIMEOUT
     ) -> AsyncIterator[OtpClient]:
         """``async with OtpClient.connect(url) as otp:`` — closes the connection on exit."""
-        connection = await aio_pika.connect_robust(
-            url, timeout=timeout, client_properties={"connection_name": "otp-client"}
-        )
+        connection = await connect_robust(url, name="otp-client", timeout=timeout)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             commands = await _existing_exchange(channel, COMMANDS_EXCHANGE)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -19,10 +18,10 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.connection import make_url
 from aiormq import spec
 from aiormq.exceptions import AMQPConnectionError
 
+from contracts.client import connect_robust
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
 
 _EXCHANGE_TYPES = {
@@ -38,28 +37,19 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
 
     ``timeout`` bounds each attempt, this one and the robust connection's reconnects: a
     broker that accepts the connection and never answers is reported as unreachable. A
-    connect that fails or is cancelled (SIGTERM during start) closes the connection, whose
-    reconnect task would otherwise go on trying: it takes a cancel for a failed attempt,
-    even the one that ends the event loop, so the process would never exit."""
+    cancelled connect (SIGTERM during start) leaves no reconnect task behind
+    (``contracts.client.connect_robust`` says why that matters)."""
     quiet = [logging.getLogger(n) for n in ("aiormq.connection", "aio_pika.robust_connection")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.CRITICAL)
-    connection = aio_pika.RobustConnection(
-        make_url(url), client_properties={"connection_name": name}
-    )
     try:
-        await connection.connect(timeout=timeout)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):  # the failure to report is the connect's
-            await connection.close()
-        if isinstance(exc, TimeoutError):
-            raise AMQPConnectionError(f"no answer within {timeout:g} s") from None
-        raise
+        return await connect_robust(url, name=name, timeout=timeout)
+    except TimeoutError:
+        raise AMQPConnectionError(f"no answer within {timeout:g} s") from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    return connection
 
 
 async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:

@@ -288,3 +288,39 @@ def test_contracts_import_without_worker_packages() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+CANCELLED_CONNECT = """
+import asyncio
+from contracts.client import OtpClient
+
+async def main():
+    async def silent(reader, writer):  # takes the connection, never answers: a hung broker
+        await reader.read()
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        async with asyncio.timeout(0.5):  # the caller's own bound, shorter than the client's
+            async with OtpClient.connect(url, timeout=30):
+                pass
+    except TimeoutError:
+        print("timed out")
+    server.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_connect_cancelled_by_the_caller_leaves_nothing_running() -> None:
+    # aio-pika's reconnect task outlived such a cancel and kept the program from exiting.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", CANCELLED_CONNECT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "timed out"
+    assert "Reconnecting" not in result.stderr, result.stderr
