@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
 from worker.store import Store, open_store
-from worker.store.base import OutboxEvent, Send, StateKeys, TransactionEnded, Writes
+from worker.store.base import (
+    OutboxEvent,
+    Send,
+    StateKeys,
+    TransactionEnded,
+    TransientStoreError,
+    Writes,
+)
 from worker.store.keys import scope_key
+from worker.store.sqlite import SqliteStore
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = 10.0
@@ -301,3 +310,23 @@ async def test_ping_fails_after_close(database_url: str) -> None:
     await opened.close()
     with pytest.raises(Exception):  # noqa: B017, PT011 - each backend raises its own kind
         await opened.ping()
+
+
+async def test_a_full_sqlite_database_is_an_error_of_the_moment(tmp_path: Path) -> None:
+    # SQLite's own page limit gives the same SQLITE_FULL as a full disk, without filling one.
+    store = await open_store(f"sqlite:///{tmp_path}/full.db", outbox_lease_seconds=LEASE)
+    assert isinstance(store, SqliteStore)
+    try:
+        await write(store, Writes(replies={("issue", "first"): b"{}"}))
+        db = store._db
+        pages = next(iter(await db.execute_fetchall("PRAGMA page_count")))[0]
+        await db.execute(f"PRAGMA max_page_count={pages}")
+        many = Writes(replies={("issue", f"c-{i}"): b"x" * 2000 for i in range(50)})
+        with pytest.raises(TransientStoreError, match="full"):
+            await write(store, many)
+        await db.execute("PRAGMA max_page_count=1073741823")
+        await write(store, many)  # room again: the same batch goes through
+        async with store.transaction() as tx:
+            assert len(await tx.load_replies(list(many.replies))) == 50
+    finally:
+        await store.close()

@@ -47,6 +47,20 @@ def path_of(url: str) -> str:
     return rest
 
 
+TRANSIENT_ERROR_NAMES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error of the moment, not of the commands: another process holds the write lock,
+    or the disk is full or failing. The consumer retries such a batch and then requeues it,
+    where an error of its own making would have its commands dead-lettered one by one
+    (a full disk would otherwise cost every command of the moment its reply)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name.startswith(TRANSIENT_ERROR_NAMES) or "locked" in str(exc) or "busy" in str(exc)
+
+
 FORGET_DELAY_SECONDS = 0.5
 """How long relayed outbox rows may wait for a write transaction to delete them in."""
 
@@ -119,9 +133,7 @@ class SqliteStore:
                         # Queued behind any step still running on the thread (after a
                         # cancel, say): closes what it opened, so the next BEGIN works.
                         await run_in_thread(self._db, rollback_if_open)
-                if isinstance(exc, sqlite3.OperationalError) and (
-                    "locked" in str(exc) or "busy" in str(exc)
-                ):
+                if is_transient(exc):
                     raise TransientStoreError(str(exc)) from exc
                 raise
 
