@@ -111,6 +111,7 @@ class Worker:
             batch_size=s.batch_size,
             publish_timeout=s.publish_timeout_seconds,
             observe=self._observe_command,
+            on_store_retry=self.metrics.store_retries.inc,
             clock=self.clock,
         )
         self._spawn(self.consumer.run, "command-batches")

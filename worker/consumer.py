@@ -62,6 +62,7 @@ class CommandConsumer:
         batch_size: int,
         publish_timeout: float,
         observe: Observer | None = None,
+        on_store_retry: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
@@ -73,6 +74,7 @@ class CommandConsumer:
         self._batch_size = batch_size
         self._timeout = publish_timeout
         self._observe = observe
+        self._on_store_retry = on_store_retry
         self._clock = clock
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._finishing: asyncio.Task[None] | None = None
@@ -156,6 +158,8 @@ class CommandConsumer:
                 break
             except TransientStoreError as exc:
                 log.warning("store busy; retrying batch", attempt=attempt + 1, error=str(exc))
+                if self._on_store_retry is not None:
+                    self._on_store_retry()
                 await asyncio.sleep(0.05 * 2**attempt)
             except Exception:
                 log.exception("batch failed; handling its commands one by one", size=len(valid))

@@ -65,6 +65,12 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.store_retries = Counter(
+            "otp_store_retries",
+            "Command batches retried because the store was busy or unavailable "
+            "(locked, connection lost, disk full)",
+            registry=r,
+        )
         self.outbox_backlog = Gauge(
             "otp_outbox_backlog", "Committed events not yet confirmed by the broker", registry=r
         )

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import WorkerFactory
 from tests.support import producer
 from worker.app import Worker
+from worker.store.sqlite import SqliteStore
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -79,6 +80,24 @@ async def test_commands_are_counted_by_type_and_status(
     assert count(samples, "otp_command_queue_consumers") == 1
     relayed = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 0)
     assert count(relayed, "otp_outbox_oldest_age_seconds") == 0
+
+
+async def test_a_full_disk_is_retried_counted_and_then_gets_through(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    worker, port = await start(start_worker)
+    if not isinstance(worker.store, SqliteStore):
+        pytest.skip("SQLite's page limit stands in for a full disk")
+    db = worker.store._db
+    async with producer(amqp_url) as otp:
+        await otp.issue(user="before")
+        pages = next(iter(await db.execute_fetchall("PRAGMA page_count")))[0]
+        await db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL, as on a full disk
+        calls = asyncio.gather(*(otp.issue(user=f"full-{i}", timeout=60) for i in range(40)))
+        await scrape_until(port, lambda s: count(s, "otp_store_retries_total") >= 1)
+        await db.execute("PRAGMA max_page_count=1073741823")
+        replies = await calls
+    assert {r["status"] for r in replies} == {"issued"}  # none dead-lettered for the moment
 
 
 async def test_outbox_backlog_shows_unrelayed_events(
