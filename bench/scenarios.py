@@ -288,15 +288,9 @@ class Bench:
         result.notes.append("raw aio-pika: consume, reply, confirmed persistent event, ack")
 
     async def issue(self, result: Result, *, quiet: bool = False) -> None:
-        tag = "issueq" if quiet else "issue"
-        items = issue_items(f"{tag}-{self.run_id}:", f"{tag}-{self.run_id}", self.args.commands)
         overrides = {"OTP_LOG_LEVEL": "warning"} if quiet else {}
-        drained = await self.drain(
-            result.scenario,
-            self.worker(self.new_dir(tag), **overrides),
-            items,
-            Counter({"issued": len(items)}),
-            events_expected=len(items),
+        drained = await self._fresh_issue_run(
+            "issueq" if quiet else "issue", raw=False, label=result.scenario, **overrides
         )
         self._fill(result, drained)
         if not quiet:
@@ -309,14 +303,17 @@ class Bench:
             result.target, result.met = "ratio >= 1.0", _at_least(result.ratio, 1.0)
         result.notes.insert(0, "log level warning" if quiet else "default log level (info)")
 
-    async def _fresh_issue_run(self, tag: str, *, raw: bool) -> Drained:
-        """Issue commands to new users, drained by the raw consumer or an empty-store worker."""
+    async def _fresh_issue_run(
+        self, tag: str, *, raw: bool, label: str | None = None, **overrides: str
+    ) -> Drained:
+        """Issue commands to new users, drained by the raw consumer or an empty-store worker
+        (with ``overrides`` in its environment)."""
         prefix = f"{tag}-{self.run_id}"
         items = issue_items(f"{prefix}:", prefix, self.args.commands)
         directory = self.new_dir(tag)
         return await self.drain(
-            tag,
-            self.raw(directory) if raw else self.worker(directory),
+            label or tag,
+            self.raw(directory) if raw else self.worker(directory, **overrides),
             items,
             Counter({"raw" if raw else "issued": len(items)}),
             events_expected=len(items),
