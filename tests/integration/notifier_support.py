@@ -95,6 +95,7 @@ class SmtpServer:
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         with self._lock:
             self.quits += 1
+        self._loop.call_soon_threadsafe(self.changed.set)
         return "221 Bye"
 
     async def handle_EHLO(

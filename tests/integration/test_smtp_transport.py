@@ -13,7 +13,7 @@ from worker.notifier.transports import SmtpConfig, SmtpTransport, TransientDeliv
 MAIL = Email(subject="Your code", text="plain", html="<p>html</p>")
 
 
-def transport(smtp: SmtpServer, pool_size: int = 4) -> SmtpTransport:
+def transport(smtp: SmtpServer, pool_size: int = 4, idle_seconds: float = 60.0) -> SmtpTransport:
     return SmtpTransport(
         SmtpConfig(
             host="127.0.0.1",
@@ -24,6 +24,7 @@ def transport(smtp: SmtpServer, pool_size: int = 4) -> SmtpTransport:
             starttls=False,
             timeout=10,
             pool_size=pool_size,
+            idle_seconds=idle_seconds,
         )
     )
 
@@ -37,6 +38,20 @@ async def test_mails_in_turn_share_one_connection(smtp: SmtpServer) -> None:
     assert [m.to for m in smtp.mails] == [[f"user{n}@example.org"] for n in range(3)]
     assert smtp.sessions == 1
     assert smtp.quits == 1
+
+
+async def test_a_connection_idle_too_long_is_closed_without_waiting_for_a_mail(
+    smtp: SmtpServer,
+) -> None:
+    email = transport(smtp, idle_seconds=0.3)
+    await email.send_email("a@example.org", MAIL, "code-1")
+    await email.send_email("b@example.org", MAIL, "code-2")
+    assert smtp.quits == 0  # reused, not yet idle for long
+    await smtp.wait_for(lambda: smtp.quits == 1)  # no mail came: QUIT all the same
+    await email.send_email("c@example.org", MAIL, "code-3")  # a new connection
+    await email.close()
+    assert smtp.sessions == 2
+    assert smtp.quits == 2
 
 
 async def test_a_connection_the_server_dropped_is_replaced_before_the_mail_goes(

@@ -59,7 +59,7 @@ class SmtpConfig:
     """Connections kept open between messages (0: one per message); more may be open while
     sends overlap."""
     idle_seconds: float = 60.0
-    """A connection idle longer than this is closed instead of reused."""
+    """A connection idle this long is closed (with QUIT), not kept for the next mail."""
 
 
 def _smtp_failure(code: int, what: str) -> DeliveryError:
@@ -79,13 +79,17 @@ class SmtpTransport:
     (a wait could outlast its claim lease). An idle connection is checked with NOOP before it
     is reused, since servers drop idle clients: one that fails the check is replaced before
     the message goes out, so a stale connection never costs a retry or sends a mail twice.
-    Any failure during a send closes that connection; the next send starts clean.
+    Any failure during a send closes that connection; the next send starts clean. One idle
+    for ``idle_seconds`` is closed with QUIT, also when no mail comes: a quiet notifier
+    holds no connections the relay would drop on its side anyway.
     """
 
     def __init__(self, config: SmtpConfig) -> None:
         self._config = config
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
-        """Connections between messages, each with the time it was returned."""
+        """Connections between messages, oldest first, each with the time it was returned."""
+        self._expiry: asyncio.TimerHandle | None = None
+        self._quitting: set[asyncio.Task[None]] = set()
 
     async def send_email(self, to: str, message: Email, code_id: str) -> None:
         c = self._config
@@ -147,20 +151,40 @@ class SmtpTransport:
     def _checkin(self, smtp: aiosmtplib.SMTP) -> None:
         if len(self._idle) < self._config.pool_size and smtp.is_connected:
             self._idle.append((smtp, time.monotonic()))
+            if self._expiry is None:
+                self._expire_at(time.monotonic() + self._config.idle_seconds)
         else:
             smtp.close()
 
+    def _expire_at(self, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        """Says QUIT on the connections idle for ``idle_seconds``; waits for the next one."""
+        self._expiry = None
+        now = time.monotonic()
+        while self._idle and now - self._idle[0][1] >= self._config.idle_seconds:
+            smtp, _ = self._idle.pop(0)
+            task = asyncio.create_task(self._quit(smtp))
+            self._quitting.add(task)
+            task.add_done_callback(self._quitting.discard)
+        if self._idle:
+            self._expire_at(self._idle[0][1] + self._config.idle_seconds)
+
+    async def _quit(self, smtp: aiosmtplib.SMTP) -> None:
+        """QUIT, briefly: one that fails or goes unanswered changes nothing for the mails."""
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await smtp.quit(timeout=min(self._config.timeout, QUIT_TIMEOUT_SECONDS))
+        smtp.close()
+
     async def close(self) -> None:
-        """Says QUIT on every idle connection, all at once and briefly: this runs at shutdown,
-        and a QUIT that fails or goes unanswered changes nothing for the mails."""
+        """Says QUIT on every idle connection, all at once: this runs at shutdown."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         idle, self._idle = self._idle, []
-
-        async def quit(smtp: aiosmtplib.SMTP) -> None:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await smtp.quit(timeout=min(self._config.timeout, QUIT_TIMEOUT_SECONDS))
-            smtp.close()
-
-        await asyncio.gather(*(quit(smtp) for smtp, _ in idle))
+        await asyncio.gather(*self._quitting, *(self._quit(smtp) for smtp, _ in idle))
 
 
 class HttpSmsTransport:
