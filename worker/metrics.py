@@ -21,6 +21,9 @@ Notifier series (``NotifierMetrics``; the notifier calls these, then ``MetricsSe
   before) or ``busy`` (another notifier holds the claim)
 - ``otp_delivery_duration_seconds{channel}`` histogram via ``record_delivery(..., seconds=)``:
   the transport's time, for attempts that reached the SMTP server or gateway
+- ``otp_notifier_consuming`` gauge (sampled): 1 while this notifier's consumer is registered
+  on a live channel and the broker counts it (the worker's ``otp_consuming``, named apart so
+  that a sum over both jobs never counts notifiers as workers)
 """
 
 from __future__ import annotations
@@ -121,6 +124,11 @@ class NotifierMetrics:
             "Time spent delivering one notification (SMTP or HTTP)",
             ["channel"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.consuming = Gauge(
+            "otp_notifier_consuming",
+            "1 while this notifier consumes its events queue",
             registry=self.registry,
         )
 

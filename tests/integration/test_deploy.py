@@ -293,6 +293,10 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     used = {name for expr in exprs for name in re.findall(r"\botp_[a-z_]+", expr)}
     assert used
     assert used <= exported, used - exported
+    assert {"otp_consuming", "otp_notifier_consuming"} <= used
+    # Every worker reports the whole outbox table: a sum over workers would multiply it.
+    summed_outbox = [e for e in exprs if re.search(r"\bsum\b[^()]*\(\s*otp_outbox_", e)]
+    assert not summed_outbox
 
 
 async def test_notifier_runs_with_only_the_notifier_users_rights(

@@ -6,7 +6,7 @@ import asyncio
 
 from tests.integration.conftest import NotifierFactory
 from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
-from tests.integration.test_metrics import count, get, scrape_until
+from tests.integration.test_metrics import count, get, scrape, scrape_until
 from tests.support import event_log
 from worker.notifier.app import Notifier
 
@@ -50,9 +50,12 @@ async def test_readyz_fails_while_the_consumer_is_lost(
     )
     port = await _port(notifier)
     assert await get(port, "/readyz") == 200
+    assert count(await scrape(port), "otp_notifier_consuming") == 1
     await _lose_consumer(notifier)
     assert await get(port, "/readyz") == 503
     assert await get(port, "/healthz") == 200
+    assert ("otp_notifier_consuming", frozenset()) in (samples := await scrape(port))
+    assert count(samples, "otp_notifier_consuming") == 0
 
 
 async def _lose_consumer(notifier: Notifier) -> None:

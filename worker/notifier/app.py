@@ -93,10 +93,16 @@ class Notifier:
         await self.store.ping()
         return True
 
+    async def _sample(self) -> None:
+        """Refreshes the sampled series before a scrape."""
+        self.metrics.consuming.set(1 if await self.consuming() else 0)
+
     async def start(self) -> None:
         s = self.settings
         if s.metrics_port is not None:  # first, so liveness answers while we start
-            self.metrics_server = MetricsServer(self.metrics.registry, ready=self.ready)
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, ready=self.ready, sample=self._sample
+            )
             self.metrics_port = await self.metrics_server.start(s.metrics_host, s.metrics_port)
         self.store = await open_delivery_store(s.database_url)
         deliverer = self._build_deliverer(self.store)
