@@ -53,6 +53,7 @@ from contracts.topology import (
     CONFIRM_ROUTING_KEY,
     EVENTS_EXCHANGE,
     ISSUE_ROUTING_KEY,
+    SUBSCRIBER_QUEUE_PREFIX,
 )
 
 log = logging.getLogger(__name__)
@@ -338,17 +339,19 @@ class OtpClient:
     async def subscribe(
         self, pattern: str = "#", *, dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     ) -> AsyncIterator[EventStream]:
-        """Binds an exclusive queue to ``otp.events`` before yielding.
+        """Binds an exclusive queue, ``otp.subscriber.<random>``, to ``otp.events`` before
+        yielding (the prefix is the only one the deploy files' subscriber user may use).
 
         Events published after this returns are seen. The queue goes with the connection;
-        after a reconnect the robust channel declares and binds a new one, so the events
+        after a reconnect the robust channel declares and binds it anew, so the events
         published in between are not seen.
         """
         channel = await self._connection.channel()
         try:
             await channel.set_qos(prefetch_count=256)
             exchange = await _existing_exchange(channel, EVENTS_EXCHANGE)
-            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            name = f"{SUBSCRIBER_QUEUE_PREFIX}client-{uuid.uuid4().hex}"
+            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             await queue.bind(exchange, pattern)
             yield EventStream(queue, dedupe_window)
         finally:

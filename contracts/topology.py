@@ -25,6 +25,9 @@ COMMAND_QUEUE = "otp.worker.commands"
 UNDELIVERABLE_QUEUE = "otp.worker.undeliverable"
 NOTIFIER_QUEUE = "otp.notifier.code-issued"
 NOTIFIER_RETRY_QUEUE_PREFIX = "otp.notifier.retry"
+# Event subscribers' queues (the client's own included): the deploy files' otp-subscriber
+# user may declare and read these and no others, and no other role may read them.
+SUBSCRIBER_QUEUE_PREFIX = "otp.subscriber."
 
 # Headers the service sets on a dead-lettered command.
 REASON_HEADER = "x-otp-reason"

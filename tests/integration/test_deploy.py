@@ -7,6 +7,8 @@ rabbitmqctl into a fresh vhost (user names get a random suffix: users are broker
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
 import secrets
@@ -23,12 +25,14 @@ import orjson
 import pytest
 import yaml
 
+from contracts.client import OtpClient
 from contracts.topology import (
     COMMAND_QUEUE,
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
     EXCHANGES,
+    SUBSCRIBER_QUEUE_PREFIX,
 )
 from tests.conftest import make_settings
 from tests.support import BROKER, ROOT, delete_vhost, rabbitmqctl
@@ -185,14 +189,88 @@ async def test_subscriber_may_bind_its_own_queue_to_events_only(
     connection = await aio_pika.connect(broker_users["subscriber"])
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue("", exclusive=True)
+        queue = await channel.declare_queue(f"{SUBSCRIBER_QUEUE_PREFIX}audit", exclusive=True)
         await queue.bind(EVENTS_EXCHANGE, "code.#")
 
         async def bind_to_commands(ch: aio_pika.abc.AbstractChannel) -> None:
-            q = await ch.declare_queue("", exclusive=True)
+            q = await ch.declare_queue(f"{SUBSCRIBER_QUEUE_PREFIX}sneaky", exclusive=True)
             await q.bind(COMMANDS_EXCHANGE, "code.issue")
 
+        async def declare_server_named(ch: aio_pika.abc.AbstractChannel) -> None:
+            await ch.declare_queue("", exclusive=True)  # amq.gen-…: the producers' names
+
         assert await refused(connection, bind_to_commands)
+        assert await refused(connection, declare_server_named)
+    finally:
+        await connection.close()
+
+
+async def test_the_client_works_with_only_the_producer_and_subscriber_rights(
+    broker_users: dict[str, str], worker_as_worker_user: Worker
+) -> None:
+    async with (
+        OtpClient.connect(broker_users["subscriber"]) as watcher,
+        watcher.subscribe("code.issued") as stream,
+        OtpClient.connect(broker_users["producer"]) as producer,
+    ):
+        issued = await producer.issue(user="u", client="test-app", channel="none")
+        assert issued.status == "issued"
+        async for event in stream:
+            assert event.code_id == issued.code_id
+            break
+
+
+async def test_producer_and_subscriber_cannot_read_each_others_queues(
+    broker_users: dict[str, str], worker_as_worker_user: Worker
+) -> None:
+    """Even a queue left non-exclusive by mistake: a reply with ``reveal`` holds a code."""
+    producer = await aio_pika.connect(broker_users["producer"])
+    subscriber = await aio_pika.connect(broker_users["subscriber"])
+    try:
+        events = await (await subscriber.channel()).declare_queue(
+            f"{SUBSCRIBER_QUEUE_PREFIX}shared", auto_delete=True
+        )
+        await events.bind(EVENTS_EXCHANGE, "#")
+        replies = await (await producer.channel()).declare_queue("", auto_delete=True)
+
+        def consume(name: str) -> Any:
+            async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+                queue = await ch.get_queue(name, ensure=False)
+                await queue.consume(ignore)
+
+            return action
+
+        assert await refused(producer, consume(events.name))
+        assert await refused(subscriber, consume(replies.name))
+    finally:
+        await producer.close()
+        await subscriber.close()
+
+
+async def test_keda_may_only_read_the_command_queue_depth(
+    broker_users: dict[str, str], worker_as_worker_user: Worker
+) -> None:
+    """KEDA's AMQP scaler declares the queue passively for its depth; it needs nothing more."""
+    connection = await aio_pika.connect(broker_users["keda"])
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+        assert queue.declaration_result.message_count == 0
+
+        async def consume_commands(ch: aio_pika.abc.AbstractChannel) -> None:
+            q = await ch.get_queue(COMMAND_QUEUE, ensure=False)
+            await q.consume(ignore)
+
+        async def publish_command(ch: aio_pika.abc.AbstractChannel) -> None:
+            exchange = await ch.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+            await exchange.publish(aio_pika.Message(b"{}"), routing_key="code.issue")
+
+        async def declare_any(ch: aio_pika.abc.AbstractChannel) -> None:
+            await ch.declare_queue(f"{SUBSCRIBER_QUEUE_PREFIX}keda", exclusive=True)
+
+        assert await refused(connection, consume_commands)
+        assert await refused(connection, publish_command)
+        assert await refused(connection, declare_any)
     finally:
         await connection.close()
 
@@ -229,11 +307,31 @@ def test_compose_matches_the_code() -> None:
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert_settings(otp_env_names(service["environment"]))
         assert service["environment"]["OTP_DATABASE_URL"].startswith("postgresql://")
-        assert ":9100/readyz" in " ".join(service["healthcheck"]["test"])
-        user = re.match(r"amqp://([^:]+):", service["environment"]["OTP_AMQP_URL"])
-        assert user is not None and user.group(1) == f"otp-{name}"
+        probed = re.search(r":(\d+)/readyz", " ".join(service["healthcheck"]["test"]))
+        assert probed is not None
+        assert probed.group(1) == service["environment"]["OTP_METRICS_PORT"]
+        amqp = re.fullmatch(
+            r"amqp://([^:]+):([^@]+)@[^/]+/(.+)", service["environment"]["OTP_AMQP_URL"]
+        )
+        assert amqp is not None
+        user, password, vhost = amqp.groups()
+        assert user == f"otp-{name}"
+        assert vhost == DEFINITIONS["vhosts"][0]["name"]
+        assert rabbit_password_matches(user, password)
+    # The HMAC key that checks codes is the worker's alone.
+    assert "OTP_SECRET_KEY" in services["worker"]["environment"]
+    assert "OTP_SECRET_KEY" not in services["notifier"]["environment"]
     volumes = " ".join(services["rabbitmq"]["volumes"])
     assert "definitions.json" in volumes
+
+
+def rabbit_password_matches(user: str, password: str) -> bool:
+    """Checks ``password`` against the user's hash in definitions.json
+    (``rabbit_password_hashing_sha256``: base64 of a 4-byte salt and SHA-256(salt + password))."""
+    (entry,) = [u for u in DEFINITIONS["users"] if u["name"] == user]
+    assert entry["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    raw = base64.b64decode(entry["password_hash"])
+    return hashlib.sha256(raw[:4] + password.encode()).digest() == raw[4:]
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -258,12 +356,24 @@ def test_kubernetes_manifests_match_the_code() -> None:
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         port = container["ports"][0]["containerPort"]
         assert str(port) == config["data"]["OTP_METRICS_PORT"]
+    secrets_of = {
+        name: {e["name"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        for name, d in deployments.items()
+    }
+    assert "OTP_SECRET_KEY" in secrets_of["otp-worker"]
+    assert "OTP_SECRET_KEY" not in secrets_of["otp-notifier"]  # it only unseals
     scaled = next(d for d in docs if d["kind"] == "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "otp-worker"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "rabbitmq"
     assert trigger["metadata"]["queueName"] == COMMAND_QUEUE
     assert trigger["metadata"]["vhostName"] == DEFINITIONS["vhosts"][0]["name"]
+    # The Secret's recipe (config.yaml's header) gives KEDA its own read-nothing user.
+    recipe = (DEPLOY / "k8s" / "config.yaml").read_text()
+    keda = re.search(r"KEDA_RABBITMQ_HOST=amqp://([^:]+):", recipe)
+    assert keda is not None and keda.group(1) == "otp-keda"
+    (rights,) = [p for p in DEFINITIONS["permissions"] if p["user"] == "otp-keda"]
+    assert (rights["configure"], rights["write"], rights["read"]) == ("^$", "^$", "^$")
 
 
 def test_dockerfile_builds_one_non_root_image() -> None:
@@ -276,6 +386,10 @@ def test_dockerfile_builds_one_non_root_image() -> None:
     user = [line for line in lines if line.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in {"0", "root"}
     assert lines[-1] == 'CMD ["python", "-m", "worker"]'
+    text = (DEPLOY / "Dockerfile").read_text()
+    metrics_port = re.search(r"OTP_METRICS_PORT=(\d+)", text)
+    assert metrics_port is not None
+    assert f"EXPOSE {metrics_port.group(1)}" in lines
 
 
 def test_dashboard_queries_only_exported_metrics() -> None:
@@ -313,7 +427,7 @@ async def test_notifier_runs_with_only_the_notifier_users_rights(
     try:
         events = await aio_pika.connect(broker_users["subscriber"])
         channel = await events.channel()
-        queue = await channel.declare_queue("", exclusive=True)
+        queue = await channel.declare_queue(f"{SUBSCRIBER_QUEUE_PREFIX}n", exclusive=True)
         await queue.bind("otp.events", "code.delivered")
         arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
