@@ -125,6 +125,16 @@ async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     """A consumer callback for consumes that must never be allowed."""
 
 
+def consume(name: str) -> Any:
+    """An action for ``refused``: consuming the queue ``name``."""
+
+    async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+        queue = await ch.get_queue(name, ensure=False)
+        await queue.consume(ignore)
+
+    return action
+
+
 async def refused(connection: aio_pika.abc.AbstractConnection, action: Any) -> bool:
     channel = await connection.channel()
     try:
@@ -160,13 +170,6 @@ async def test_producer_may_only_command_and_read_its_replies(
             queue = await ch.declare_queue("", exclusive=True)
             await queue.bind(EVENTS_EXCHANGE, "#")
 
-        async def consume(name: str) -> Any:
-            async def action(ch: aio_pika.abc.AbstractChannel) -> None:
-                queue = await ch.get_queue(name, ensure=False)
-                await queue.consume(ignore)
-
-            return action
-
         async def publish_event(ch: aio_pika.abc.AbstractChannel) -> None:
             exchange = await ch.get_exchange(EVENTS_EXCHANGE, ensure=False)
             await exchange.publish(aio_pika.Message(b"{}"), routing_key="code.issued")
@@ -175,8 +178,8 @@ async def test_producer_may_only_command_and_read_its_replies(
             await ch.declare_queue("producer-owned", auto_delete=True)
 
         assert await refused(connection, bind_to_events)
-        assert await refused(connection, await consume(COMMAND_QUEUE))
-        assert await refused(connection, await consume(DEAD_LETTER_QUEUE))
+        assert await refused(connection, consume(COMMAND_QUEUE))
+        assert await refused(connection, consume(DEAD_LETTER_QUEUE))
         assert await refused(connection, publish_event)
         assert await refused(connection, declare_named)
     finally:
@@ -233,13 +236,6 @@ async def test_producer_and_subscriber_cannot_read_each_others_queues(
         await events.bind(EVENTS_EXCHANGE, "#")
         replies = await (await producer.channel()).declare_queue("", auto_delete=True)
 
-        def consume(name: str) -> Any:
-            async def action(ch: aio_pika.abc.AbstractChannel) -> None:
-                queue = await ch.get_queue(name, ensure=False)
-                await queue.consume(ignore)
-
-            return action
-
         assert await refused(producer, consume(events.name))
         assert await refused(subscriber, consume(replies.name))
     finally:
@@ -257,10 +253,6 @@ async def test_keda_may_only_read_the_command_queue_depth(
         queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
         assert queue.declaration_result.message_count == 0
 
-        async def consume_commands(ch: aio_pika.abc.AbstractChannel) -> None:
-            q = await ch.get_queue(COMMAND_QUEUE, ensure=False)
-            await q.consume(ignore)
-
         async def publish_command(ch: aio_pika.abc.AbstractChannel) -> None:
             exchange = await ch.get_exchange(COMMANDS_EXCHANGE, ensure=False)
             await exchange.publish(aio_pika.Message(b"{}"), routing_key="code.issue")
@@ -268,7 +260,7 @@ async def test_keda_may_only_read_the_command_queue_depth(
         async def declare_any(ch: aio_pika.abc.AbstractChannel) -> None:
             await ch.declare_queue(f"{SUBSCRIBER_QUEUE_PREFIX}keda", exclusive=True)
 
-        assert await refused(connection, consume_commands)
+        assert await refused(connection, consume(COMMAND_QUEUE))
         assert await refused(connection, publish_command)
         assert await refused(connection, declare_any)
     finally:
