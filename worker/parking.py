@@ -1,18 +1,17 @@
 """Parking a command the worker cannot process in ``otp.dead-letter``, with its reason.
 
-The body stays as it came, with one exception: a confirm's candidate code is redacted,
-because the contract forbids plaintext codes in dead letters and the candidate may be right.
+The body stays as it came, with one exception: a candidate code is redacted (see
+``worker.redaction``), because the contract forbids plaintext codes in dead letters and the
+candidate may be right.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from contracts.topology import (
-    CONFIRM_ROUTING_KEY,
     ERROR_TYPE_HEADER,
     REASON_HEADER,
     REDACTED_HEADER,
@@ -21,6 +20,7 @@ from contracts.topology import (
 from worker import settlement
 from worker.amqp import copy_message
 from worker.log import get_logger
+from worker.redaction import redact
 
 log = get_logger(__name__)
 
@@ -79,17 +79,3 @@ async def park_undeliverable(
         await settlement.nack(message, requeue=True)
         return
     await settlement.ack(message)
-
-
-def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:
-    """A confirm command's candidate may be the real code: it never reaches the dead letters."""
-    if routing_key != CONFIRM_ROUTING_KEY or b"code" not in body:
-        return body, False
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, False
-    if isinstance(data, dict) and "code" in data:
-        data["code"] = "[redacted]"
-        return orjson.dumps(data), True
-    return body, False

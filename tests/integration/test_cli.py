@@ -194,6 +194,26 @@ async def test_dead_letters_list_and_replay(
     assert_one_error_line(missing, 1, "otp: no dead letter")
 
 
+async def test_a_confirm_that_is_not_json_is_listed_redacted_and_never_replayed(
+    amqp_url: str, start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    await start_worker()
+    env = cli_env(amqp_url)
+    body = b'{"command_id":"raw-1","user":"J\xfcrgen","client":"c","code":"424242"}'
+    async with producer(amqp_url) as p:
+        assert (await p.call("code.confirm", body))["status"] == "rejected"
+
+    listing = await otp("dead-letters", "list", "--json", env=env, cwd=tmp_path)
+    assert listing.rc == 0, listing
+    (letter,) = json.loads(listing.out)
+    assert letter["redacted"] is True
+    assert "424242" not in listing.out and "[redacted]" in letter["body"]
+    replay = await otp("dead-letters", "replay", "--all", env=env, cwd=tmp_path)
+    assert replay.rc == 1 and "redacted" in replay.err, replay
+    left = await otp("dead-letters", "list", "--json", env=env, cwd=tmp_path)
+    assert len(json.loads(left.out)) == 1
+
+
 async def test_keys(tmp_path: Path) -> None:
     run = await otp("keys", env=cli_env(UNREACHABLE), cwd=tmp_path)
     assert run.rc == 0
