@@ -104,8 +104,8 @@ def _messages() -> dict[str, Any]:
         "ConfirmResult": _message(ConfirmResult, "The reply to ConfirmCode."),
         "DeadLetteredCommand": {
             "name": "DeadLetteredCommand",
-            "summary": "A command the service could not process, unchanged but for a "
-            "confirm's redacted `code`.",
+            "summary": "A command the service could not process, unchanged but for any "
+            "candidate code, which is replaced by `[redacted]`.",
             "contentType": "application/json",
             "headers": {
                 "type": "object",
@@ -118,11 +118,16 @@ def _messages() -> dict[str, Any]:
                     },
                     REDACTED_HEADER: {
                         "type": "string",
-                        "description": "Names the field replaced by `[redacted]`.",
+                        "description": "`code` when a candidate code (a `code` member or, "
+                        "in a body of the wrong shape, any run of digits) was replaced by "
+                        "`[redacted]`. Such a command is never replayed.",
                     },
                 },
             },
-            "payload": {"type": "object", "description": "The original command body."},
+            "payload": {
+                "type": "object",
+                "description": "The original command body, as it came (not always JSON).",
+            },
         },
     }
     for model in EVENT_TYPES:
