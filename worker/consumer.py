@@ -27,7 +27,7 @@ from worker.amqp import Outgoing, Publisher, json_properties
 from worker.domain.model import Policy
 from worker.log import get_logger
 from worker.parking import park
-from worker.parsing import Command, Rejection, parse_command
+from worker.parsing import Command, Rejection, command_id_hint, parse_command
 from worker.relay import OutboxRelay
 from worker.service import CommandHandler, Handled
 from worker.settlement import Settlement, requeue_all
@@ -136,8 +136,15 @@ class CommandConsumer:
             try:
                 parsed = parse_command(message.routing_key or "", message.body, self._policy)
             except Exception:
-                log.exception("parsing a command failed unexpectedly")
-                prepared.steps.append(partial(self._give_up, message, None, prepared.settlement))
+                command_id = command_id_hint(message.body)
+                log.exception(
+                    "parsing a command failed unexpectedly",
+                    command_id=command_id,
+                    command=message.routing_key,
+                )
+                prepared.steps.append(
+                    partial(self._give_up, message, command_id, prepared.settlement)
+                )
                 continue
             if isinstance(parsed, Rejection):
                 prepared.steps.append(
@@ -233,9 +240,10 @@ class CommandConsumer:
         settlement: Settlement,
     ) -> None:
         """Reply ``rejected``, park the original in the dead-letter queue, ack: never requeue."""
+        command_id = rejection.command_id or command_id_hint(message.body)
         log.warning(
             "command rejected",
-            command_id=rejection.command_id,
+            command_id=command_id,
             command=message.routing_key,
             error_type=rejection.error.type,
             error=rejection.error.message,
@@ -246,7 +254,9 @@ class CommandConsumer:
                 self._dead_letters, message, rejection.reason, rejection.error.type, self._timeout
             )
         except Exception:
-            log.exception("could not dead-letter a rejected command; requeueing it")
+            log.exception(
+                "could not dead-letter a rejected command; requeueing it", command_id=command_id
+            )
             settlement.requeue(message)
             return
         model = IssueResult if rejection.kind == "issue" else ConfirmResult
@@ -272,6 +282,9 @@ class CommandConsumer:
                 self._timeout,
             )
         except Exception:
+            log.exception(
+                "could not dead-letter a failed command; requeueing it", command_id=command_id
+            )
             settlement.requeue(message)
             return
         settlement.ack(message)

@@ -20,6 +20,7 @@ from contracts.topology import (
 from worker import settlement
 from worker.amqp import copy_message
 from worker.log import get_logger
+from worker.parsing import command_id_hint
 from worker.redaction import redact
 
 log = get_logger(__name__)
@@ -75,7 +76,11 @@ async def park_undeliverable(
             routing_key=original_routing_key(message),
         )
     except Exception as exc:
-        log.warning("could not park an undeliverable command; it stays queued", error=repr(exc))
+        log.warning(
+            "could not park an undeliverable command; it stays queued",
+            command_id=command_id_hint(message.body),
+            error=repr(exc),
+        )
         await settlement.nack(message, requeue=True)
         return
     await settlement.ack(message)

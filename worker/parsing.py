@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,3 +114,19 @@ def _command_id_of(body: bytes) -> str | None:
         if isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return None
+
+
+_RAW_COMMAND_ID = re.compile(rb'"command_id"\s*:\s*"([^"\\\x00-\x1f]{1,128})"')
+
+
+def command_id_hint(body: bytes) -> str | None:
+    """For log lines only: the command_id, also from a body that is not valid JSON.
+
+    A reply echoes only a command_id of a JSON object (the contract says so); an operator
+    following one message through the logs takes what can be found.
+    """
+    found = _command_id_of(body)
+    if found is not None or len(body) > MAX_BODY_BYTES:
+        return found
+    match = _RAW_COMMAND_ID.search(body)
+    return match[1].decode("utf-8", "replace") if match else None

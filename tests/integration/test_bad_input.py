@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -166,9 +167,25 @@ BAD_CONFIRMS = {
 }
 
 
+def log_lines_from(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The in-process workers' JSON log lines written since ``offset``."""
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        return [orjson.loads(line) for line in stream.read().splitlines() if line.strip()]
+
+
+async def wait_for_dead_letters(url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    for _ in range(200):
+        if parked := await drain_dead_letters(url):
+            return parked
+        await asyncio.sleep(0.05)
+    return []
+
+
 async def test_a_confirm_of_any_bad_shape_is_parked_without_its_code(
-    amqp_url: str, start_worker: WorkerFactory
+    amqp_url: str, start_worker: WorkerFactory, audited_logs: Path
 ) -> None:
+    offset = audited_logs.stat().st_size
     await start_worker()
     async with producer(amqp_url) as otp:
         futures = [await otp.send("code.confirm", body) for body in BAD_CONFIRMS.values()]
@@ -183,6 +200,103 @@ async def test_a_confirm_of_any_bad_shape_is_parked_without_its_code(
     # What is safe stays, for the operator: here the name the producer failed to encode.
     (latin1,) = [m for m in dead if b"bad-latin1" in m.body]
     assert latin1.body == BAD_CONFIRMS["not UTF-8"].replace(b"424242", b"[redacted]")
+    # Each rejection's log line names its command, also when its body was no JSON object.
+    lines = log_lines_from(audited_logs, offset)
+    rejected = {line.get("command_id") for line in lines if line["event"] == "command rejected"}
+    assert rejected == {
+        "bad-latin1",
+        "bad-comma",
+        "bad-escape",
+        "bad-list",
+        "bad-nested",
+        "bad-number",
+    }
+    assert "424242" not in json.dumps(lines)
+
+
+async def test_a_command_that_breaks_the_parser_is_parked_redacted_and_named(
+    amqp_url: str,
+    start_worker: WorkerFactory,
+    audited_logs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("worker.consumer.parse_command", broken)
+    offset = audited_logs.stat().st_size
+    await start_worker()
+    async with producer(amqp_url) as otp:
+        await otp.send("code.confirm", BAD_CONFIRMS["not UTF-8"])
+        (dead,) = await wait_for_dead_letters(amqp_url)
+    assert dead.body == BAD_CONFIRMS["not UTF-8"].replace(b"424242", b"[redacted]")
+    assert dead.headers[REDACTED_HEADER] == "code"
+    assert dead.headers[ERROR_TYPE_HEADER] == "internal_error"
+    lines = log_lines_from(audited_logs, offset)
+    (failed,) = [line for line in lines if line["event"] == "parsing a command failed unexpectedly"]
+    assert failed["command_id"] == "bad-latin1"
+    assert "424242" not in json.dumps(lines)
+
+
+async def test_a_rejection_that_cannot_be_parked_is_named_and_retried(
+    amqp_url: str,
+    start_worker: WorkerFactory,
+    audited_logs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import consumer
+
+    calls: list[str] = []
+
+    async def park_once_failing(*args: Any, **kwargs: Any) -> None:
+        calls.append("park")
+        if len(calls) == 1:
+            raise ConnectionError("broker gone")
+        await real_park(*args, **kwargs)
+
+    real_park = consumer.park
+    monkeypatch.setattr(consumer, "park", park_once_failing)
+    offset = audited_logs.stat().st_size
+    await start_worker()
+    async with producer(amqp_url) as otp:
+        reply = await otp.call("code.confirm", BAD_CONFIRMS["trailing comma"])
+        assert reply["status"] == "rejected"
+        (dead,) = await drain_dead_letters(amqp_url)
+    assert b"424242" not in dead.body and calls == ["park", "park"]
+    lines = log_lines_from(audited_logs, offset)
+    (failed,) = [
+        line
+        for line in lines
+        if line["event"] == "could not dead-letter a rejected command; requeueing it"
+    ]
+    assert failed["command_id"] == "bad-comma"
+    assert "424242" not in json.dumps(lines)
+
+
+async def exhaust_delivery_limit(amqp_url: str, body: bytes) -> None:
+    """Publishes a confirm and fails it on every delivery, until the broker gives up."""
+    from contracts.topology import (
+        COMMAND_DELIVERY_LIMIT,
+        COMMAND_QUEUE_SPEC,
+        DEAD_LETTERS,
+        UNDELIVERABLE,
+    )
+    from worker.amqp import declare_exchanges, declare_queue
+
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    await declare_exchanges(channel)
+    await declare_queue(channel, DEAD_LETTERS)
+    await declare_queue(channel, UNDELIVERABLE)
+    queue = await declare_queue(channel, COMMAND_QUEUE_SPEC)
+    exchange = await channel.get_exchange("otp.commands")
+    await exchange.publish(aio_pika.Message(body), routing_key="code.confirm")
+    deliveries = 0
+    while (message := await queue.get(fail=False, timeout=5)) is not None:
+        deliveries += 1
+        await message.nack(requeue=True)
+    await connection.close()
+    assert deliveries == COMMAND_DELIVERY_LIMIT + 1
 
 
 @pytest.mark.parametrize(
@@ -204,38 +318,39 @@ async def test_a_command_that_keeps_failing_is_parked_redacted(
 ) -> None:
     """After the delivery limit the broker gives up on a command; it still reaches the
     dead letters through the worker, with the candidate code redacted."""
-    from contracts.topology import (
-        COMMAND_DELIVERY_LIMIT,
-        COMMAND_QUEUE_SPEC,
-        DEAD_LETTERS,
-        UNDELIVERABLE,
-    )
-    from worker.amqp import declare_exchanges, declare_queue
-
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    await declare_exchanges(channel)
-    await declare_queue(channel, DEAD_LETTERS)
-    await declare_queue(channel, UNDELIVERABLE)
-    queue = await declare_queue(channel, COMMAND_QUEUE_SPEC)
-    exchange = await channel.get_exchange("otp.commands")
-    await exchange.publish(aio_pika.Message(body), routing_key="code.confirm")
-    deliveries = 0
-    while (message := await queue.get(fail=False, timeout=5)) is not None:
-        deliveries += 1  # a consumer that fails every time
-        await message.nack(requeue=True)
-    await connection.close()
-    assert deliveries == COMMAND_DELIVERY_LIMIT + 1
-
+    await exhaust_delivery_limit(amqp_url, body)
     await start_worker()
-    parked: list[aio_pika.abc.AbstractIncomingMessage] = []
-    for _ in range(200):
-        parked = await drain_dead_letters(amqp_url)
-        if parked:
-            break
-        await asyncio.sleep(0.05)
-    (dead,) = parked
+    (dead,) = await wait_for_dead_letters(amqp_url)
     assert dead.body == expected
     assert dead.headers[REDACTED_HEADER] == "code"
     assert dead.headers[ERROR_TYPE_HEADER] == "delivery_limit"
     assert dead.headers[ROUTING_KEY_HEADER] == "code.confirm"
+
+
+async def test_an_undeliverable_command_that_cannot_be_parked_is_named(
+    amqp_url: str,
+    start_worker: WorkerFactory,
+    audited_logs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import parking
+
+    calls: list[str] = []
+
+    async def park_once_failing(*args: Any, **kwargs: Any) -> None:
+        calls.append("park")
+        if len(calls) == 1:
+            raise ConnectionError("broker gone")
+        await real_park(*args, **kwargs)
+
+    real_park = parking.park
+    monkeypatch.setattr(parking, "park", park_once_failing)
+    await exhaust_delivery_limit(amqp_url, BAD_CONFIRMS["trailing comma"])
+    offset = audited_logs.stat().st_size
+    await start_worker()
+    (dead,) = await wait_for_dead_letters(amqp_url)
+    assert b"424242" not in dead.body and calls == ["park", "park"]
+    lines = log_lines_from(audited_logs, offset)
+    (failed,) = [line for line in lines if line["event"].startswith("could not park")]
+    assert failed["command_id"] == "bad-comma"
+    assert "424242" not in json.dumps(lines)

@@ -11,7 +11,7 @@ import pytest
 from contracts.commands import ConfirmCode, IssueCode
 from worker.domain.model import Policy
 from worker.masking import mask_destination
-from worker.parsing import Rejection, parse_command
+from worker.parsing import Rejection, command_id_hint, parse_command
 
 POLICY = Policy(reveal_clients=frozenset({"qa"}), max_ttl=timedelta(seconds=900))
 ISSUE = {"command_id": "c", "user": "u", "client": "app", "channel": "none"}
@@ -124,3 +124,22 @@ def test_unknown_routing_key() -> None:
 )
 def test_destinations_are_masked(value: str | None, masked: str | None) -> None:
     assert mask_destination(value) == masked
+
+
+@pytest.mark.parametrize(
+    ("body", "command_id"),
+    [
+        (b'{"command_id":"c-1","code":"424242"}', "c-1"),
+        (b'{"command_id":"c-2","user":"J\xfcrgen","code":"424242"}', "c-2"),
+        (b'{"command_id": "c-3", "code": "424242",}', "c-3"),
+        (b'[{"command_id":"c-4"}]', "c-4"),
+        (b'{"command_id":"c\\"5"}', 'c"5'),
+        (b'{"command_id":' + b'"' + b"x" * 129 + b'"}', None),
+        (b'{"user":"u","code":"424242"}', None),
+        (b"garbage", None),
+    ],
+)
+def test_a_command_id_for_the_logs_is_found_in_any_body(
+    body: bytes, command_id: str | None
+) -> None:
+    assert command_id_hint(body) == command_id
