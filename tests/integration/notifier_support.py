@@ -141,13 +141,22 @@ class SmtpServer:
 
 @dataclass
 class Gateway:
-    """An HTTP endpoint that records JSON POSTs; ``statuses`` are answers to give first."""
+    """An HTTP endpoint that records JSON POSTs; ``statuses`` are answers to give first.
+
+    ``stalls`` requests (before any of ``statuses``) get no answer at all: the connection is
+    held until the client hangs up, as a gateway that hangs does."""
 
     statuses: list[int] = field(default_factory=list)
+    stalls: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    hits: int = 0
+    """Every request received, whatever it was answered."""
+    hung_up: int = 0
+    """Stalled requests whose client gave up and closed the connection."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     server: asyncio.Server | None = None
     port: int = 0
+    _stalled: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -159,6 +168,8 @@ class Gateway:
 
     async def stop(self) -> None:
         assert self.server is not None
+        for writer in self._stalled:
+            writer.close()
         self.server.close()
         await self.server.wait_closed()
 
@@ -170,6 +181,17 @@ class Gateway:
             if name.strip().lower() == "content-length":
                 length = int(value)
         body = await reader.readexactly(length)
+        self.hits += 1
+        self.changed.set()
+        if self.stalls:
+            self.stalls -= 1
+            self._stalled.add(writer)
+            await reader.read()  # b"" once the client hangs up
+            self._stalled.discard(writer)
+            self.hung_up += 1
+            self.changed.set()
+            writer.close()
+            return
         status = self.statuses.pop(0) if self.statuses else 200
         if status == 200:
             self.requests.append(orjson.loads(body))

@@ -1,0 +1,49 @@
+"""How the notifier sorts an HTTP SMS gateway's failures, against a real HTTP server."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import MAX_ATTEMPTS, NotifierFactory
+from tests.integration.notifier_support import Gateway, crafted_event, publish_event
+from tests.support import EventLog, event_log
+
+
+def settled(events: EventLog) -> bool:
+    return bool(events.named("code.delivered") or events.named("code.delivery_failed"))
+
+
+@pytest.mark.parametrize("status", [400, 404])
+async def test_a_gateway_4xx_fails_at_once_without_a_retry(
+    amqp_url: str, start_notifier: NotifierFactory, gateway: Gateway, status: int
+) -> None:
+    # Enough refusals for every attempt: a retried 4xx would fail as retries_exhausted.
+    gateway.statuses = [status] * MAX_ATTEMPTS
+    notifier = await start_notifier(sms_gateway_url=gateway.url)
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("271828", channel="sms", destination="+49151"))
+        await events.wait_for(settled)
+        await notifier.wait_handled(1)
+    assert gateway.hits == 1
+    assert not events.named("code.delivered")
+    [failed] = events.named("code.delivery_failed")
+    assert failed["reason"] == f"sms_gateway_{status}"
+    assert failed["attempts"] == 1
+    assert notifier.handled == 1, "the message came back from a delay queue"
+
+
+async def test_a_gateway_that_stalls_past_the_timeout_is_retried(
+    amqp_url: str, start_notifier: NotifierFactory, gateway: Gateway
+) -> None:
+    gateway.stalls = 1
+    await start_notifier(sms_gateway_url=gateway.url, sms_timeout_seconds=0.3)
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("161803", channel="sms", destination="+49152"))
+        await events.wait_for(settled)
+    assert not events.named("code.delivery_failed")
+    [delivered] = events.named("code.delivered")
+    assert delivered["attempts"] == 2
+    assert gateway.hits == 2
+    assert gateway.hung_up == 1, "the notifier did not give up on the stalled request"
+    [request] = gateway.requests
+    assert "161803" in request["text"]
