@@ -44,6 +44,10 @@ async def wait_until(predicate: Callable[[], bool], changed: asyncio.Event, time
 class Mail:
     to: list[str]
     message: EmailMessage
+    tls: bool = False
+    """Whether the session had switched to TLS (STARTTLS) before DATA."""
+    login: str | None = None
+    """Who the session authenticated as, if it did."""
 
     @property
     def text(self) -> str:
@@ -60,15 +64,16 @@ class Mail:
 
 class SmtpServer:
     """aiosmtpd in its own thread. ``answers`` are replies to DATA to give first (e.g. 451);
-    ``hold_after`` makes every DATA beyond that many mails wait until ``release()``."""
+    ``hold_after`` makes every DATA beyond that many mails wait until ``release()``.
+    ``options`` go to aiosmtpd's ``SMTP`` (e.g. ``tls_context``, ``require_starttls``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         self.mails: list[Mail] = []
         self.answers: list[str] = []
         self.hold_after: int | None = None
         self.held = 0
         self.sessions = 0
-        """Connections that said EHLO: one per connection, as this server offers no STARTTLS."""
+        """EHLOs: one per connection, unless the server offers STARTTLS (then one more after it)."""
         self.quits = 0
         self._accept_held = False
         self.changed = asyncio.Event()
@@ -76,7 +81,8 @@ class SmtpServer:
         self._gate = asyncio.Event()
         self._lock = threading.Lock()
         self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._options = options
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **options)
 
     def start(self) -> None:
         self._controller.start()
@@ -89,7 +95,7 @@ class SmtpServer:
         """Stops (dropping every open connection, as a server restart does) and starts again
         on the same port."""
         self._controller.stop()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **self._options)
         self._controller.start()
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
@@ -130,8 +136,14 @@ class SmtpServer:
                 return "451 4.3.0 try again later"
         message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
+        mail = Mail(
+            list(envelope.rcpt_tos),
+            message,
+            tls=session.ssl is not None,
+            login=session.auth_data if session.authenticated else None,
+        )
         with self._lock:
-            self.mails.append(Mail(list(envelope.rcpt_tos), message))
+            self.mails.append(mail)
         self._loop.call_soon_threadsafe(self.changed.set)
         return "250 OK"
 
