@@ -9,8 +9,9 @@ from pathlib import Path
 
 import aiosqlite
 import asyncpg
+from structlog.testing import capture_logs
 
-from tests.integration.conftest import BACKOFF, delete_retry_queues
+from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_queues
 from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
 from tests.support import event_log, worker_env
 from worker.notifier.store import (
@@ -88,6 +89,53 @@ async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) 
         assert await store.claim("e2", "b", now, 10) == Claimed("b")
     finally:
         await store.close()
+
+
+async def test_a_delivery_is_remembered_until_the_sweep_forgets_it(database_url: str) -> None:
+    store = await open_delivery_store(database_url)
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(days=7)  # what a retention of 7 days sweeps at ``now``
+    try:
+        for n in range(3):
+            await store.mark_delivered(f"old{n}", 1, cutoff - timedelta(seconds=1 + n))
+        await store.mark_delivered("recent", 2, cutoff + timedelta(seconds=1))
+        assert await store.sweep(cutoff, limit=2) == 2  # a sweep deletes in bounded batches
+        assert await store.sweep(cutoff, limit=2) == 1
+        assert await store.sweep(cutoff) == 0
+        for n in range(3):  # forgotten: a copy arriving now would be sent again
+            assert await store.claim(f"old{n}", "x", now, 10) == Claimed("x")
+        assert await store.claim("recent", "x", now, 10) == AlreadyDelivered(2)
+    finally:
+        await store.close()
+
+
+async def test_the_notifier_sweeps_deliveries_older_than_the_retention(
+    amqp_url: str, database_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    retention = timedelta(days=1)
+    old, recent = crafted_event("505050"), crafted_event("606060")
+    store = await open_delivery_store(database_url)
+    try:
+        now = datetime.now(UTC)
+        await store.mark_delivered(old["event_id"], 1, now - retention - timedelta(minutes=1))
+        await store.mark_delivered(recent["event_id"], 3, now - retention + timedelta(minutes=1))
+    finally:
+        await store.close()
+    with capture_logs() as logs:
+        notifier = await start_notifier(
+            notifier_dedup_retention_seconds=int(retention.total_seconds())
+        )
+        await _until(lambda: any(e["event"] == "swept delivery records" for e in logs))
+    [swept] = [e for e in logs if e["event"] == "swept delivery records"]
+    assert swept["count"] == 1
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, old, recent)
+        await events.wait_for(lambda e: len(e.named("code.delivered")) == 2)
+        await notifier.wait_handled(2)
+    [mail] = smtp.mails  # the forgotten one went out again; the remembered one did not
+    assert "505050" in mail.text
+    attempts = {d["code_id"]: d["attempts"] for d in events.named("code.delivered")}
+    assert attempts == {old["code_id"]: 1, recent["code_id"]: 3}
 
 
 async def test_rows_of_the_table_before_claims_still_count_as_delivered(
