@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -263,6 +263,35 @@ async def test_a_subscription_goes_on_after_a_reconnect(amqp_url: str) -> None:
             await asyncio.wait([next_event], timeout=0.1)
         assert next_event.result().user == "after"
         assert proxy.connections == 2
+
+
+async def test_events_yields_each_event_of_the_pattern_once(amqp_url: str) -> None:
+    await declare_topology(amqp_url)
+    probe, repeated, last = (confirmed_event(u) for u in ("probe", "bob", "carol"))
+    async with OtpClient.connect(amqp_url) as otp, channel_on(amqp_url) as channel:
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+
+        async def publish(event: CodeConfirmed, routing_key: str = "code.confirmed") -> None:
+            await exchange.publish(aio_pika.Message(event.model_dump_json().encode()), routing_key)
+
+        async with aclosing(otp.events("code.*")) as stream:
+            # events() subscribes on the first step and cannot say when: the probe repeats,
+            # under one event_id, until it arrives; the copies after it must not.
+            first = asyncio.ensure_future(anext(stream))
+            while not first.done():
+                await publish(probe)
+                await asyncio.wait([first], timeout=0.05)
+            await publish(repeated)
+            await publish(repeated)  # what an outbox relay does after a crash
+            await publish(confirmed_event("elsewhere"), "audit.code.confirmed")  # not code.*
+            await publish(last)
+            seen = [first.result()]
+            async for event in stream:
+                seen.append(event)
+                if event.user == "carol":
+                    break
+    assert [e.user for e in seen] == ["probe", "bob", "carol"]
+    assert seen[1] == repeated
 
 
 BLOCKER = """
