@@ -361,7 +361,12 @@ class OtpClient:
     async def events(
         self, pattern: str = "#", *, dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     ) -> AsyncIterator[Any]:
-        """``async for event in otp.events("code.*")``: parsed, deduplicated events."""
+        """``async for event in otp.events("code.*")``: parsed, deduplicated events.
+
+        The queue is bound when iteration starts, not when this is called, and nothing says
+        when that happened: to be sure to see what a call made next publishes, enter
+        ``subscribe()`` first and iterate its stream.
+        """
         async with self.subscribe(pattern, dedupe_window=dedupe_window) as stream:
             async for event in stream:
                 yield event
