@@ -11,13 +11,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+
+if TYPE_CHECKING:
+    from worker.app import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,3 +205,23 @@ def start_process(module: str, env: dict[str, str], log_path: Path) -> subproces
         stderr=subprocess.STDOUT,
         cwd=str(log_path.parent),
     )
+
+
+async def cancel_parking_consumer(worker: Worker) -> None:
+    """Cancels the worker's consumer of otp.worker.undeliverable on its channel, as a lost
+    consumer looks after some reconnects; found as the consumer that is not the command one."""
+    assert worker._queue is not None and worker._tag is not None
+    channel = await worker._queue.channel.get_underlay_channel()
+    (tag,) = [tag for tag in channel.consumers if tag != worker._tag]
+    await channel.basic_cancel(tag)
+
+
+async def consumers_of(url: str, queue: str) -> int:
+    """The consumers the broker counts on a queue, asked as a foreign client would."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+    finally:
+        await connection.close()

@@ -34,7 +34,7 @@ from worker.service import CommandHandler, Crypto, Handled
 from worker.settings import Keys, Settings
 from worker.store import Store, open_store
 from worker.store.base import SweepResult
-from worker.watchdog import ConsumerWatchdog, consume_at_start
+from worker.watchdog import ConsumerWatchdog
 
 log = get_logger(__name__)
 
@@ -59,6 +59,7 @@ class Worker:
         self.consumer: CommandConsumer | None = None
         self._queue: AbstractQueue | None = None
         self._watchdog: ConsumerWatchdog | None = None
+        self._parking: ConsumerWatchdog | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self.metrics = WorkerMetrics()
@@ -97,6 +98,7 @@ class Worker:
             log.info("relayed leftover events", count=leftovers)
         self.relay.start()
 
+        dead_letters = exchanges[DEAD_LETTER_EXCHANGE]
         crypto = Crypto(
             CodeHasher(self.keys.secret, self.keys.secret_previous),
             Sealer(self.keys.delivery, self.keys.delivery_previous),
@@ -106,7 +108,7 @@ class Worker:
             handler=CommandHandler(s.policy(), crypto),
             policy=s.policy(),
             replies=Publisher(replies),
-            dead_letters=exchanges[DEAD_LETTER_EXCHANGE],
+            dead_letters=dead_letters,
             relay=self.relay,
             batch_size=s.batch_size,
             publish_timeout=s.publish_timeout_seconds,
@@ -119,11 +121,13 @@ class Worker:
             self._queue, self.consumer.on_message, self.connection, s.consumer_check_seconds
         )
         await self._watchdog.start()
-        dead_letters = exchanges[DEAD_LETTER_EXCHANGE]
-        await consume_at_start(
+        self._parking = ConsumerWatchdog(
             undeliverable,
             partial(park_undeliverable, dead_letters, timeout=s.publish_timeout_seconds),
+            self.connection,
+            s.consumer_check_seconds,
         )
+        await self._parking.start()
         self._spawn(self._sweep_forever, "sweeper")
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
 
@@ -150,6 +154,10 @@ class Worker:
     async def consuming(self) -> bool:
         """True when our consumer is registered on a live channel and the broker counts it."""
         return self._watchdog is not None and await self._watchdog.consuming()
+
+    async def parking(self) -> bool:
+        """The same for the consumer that parks what the broker gave up on."""
+        return self._parking is not None and await self._parking.consuming()
 
     async def _sweep_forever(self) -> None:
         s = self.settings
@@ -186,8 +194,8 @@ class Worker:
             return
         self._stopped = True
         started = time.monotonic()
-        if self._watchdog is not None:
-            await self._watchdog.cancel_consumer()
+        watchdogs = [w for w in (self._watchdog, self._parking) if w is not None]
+        await asyncio.gather(*(w.cancel_consumer() for w in watchdogs))
         if self.consumer is not None:
             await self.consumer.drain(SHUTDOWN_GRACE_SECONDS)
         if self.relay is not None:

@@ -218,10 +218,13 @@ class MetricsServer:
 
 
 async def serve_worker(worker: Worker, host: str, port: int) -> MetricsServer:
-    """Ready means: the broker counts our consumer and the store answers."""
+    """Ready means: the broker counts both our consumers and the store answers.
+
+    The parking consumer counts too: without it, commands the broker gave up on never reach
+    the dead letters, and nothing else would show it."""
 
     async def ready() -> bool:
-        if worker.store is None or not await worker.consuming():
+        if worker.store is None or not await worker.consuming() or not await worker.parking():
             return False
         await worker.store.ping()
         return True

@@ -15,10 +15,22 @@ import aio_pika
 import orjson
 import pytest
 
-from contracts.topology import COMMAND_QUEUE
+from contracts.topology import (
+    COMMAND_QUEUE,
+    DEAD_LETTER_QUEUE,
+    ERROR_TYPE_HEADER,
+    UNDELIVERABLE_QUEUE,
+)
 from tests.conftest import WorkerFactory
 from tests.proxy import proxied
-from tests.support import Producer, event_log, producer, worker_env
+from tests.support import (
+    Producer,
+    cancel_parking_consumer,
+    consumers_of,
+    event_log,
+    producer,
+    worker_env,
+)
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
@@ -140,6 +152,34 @@ async def test_a_lost_consumer_is_detected_and_restored(
     async with producer(amqp_url) as otp:
         assert (await otp.issue(user="restored"))["status"] == "issued"
     assert await worker.consuming()
+
+
+async def test_a_lost_parking_consumer_is_detected_and_restored(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """The consumer of otp.worker.undeliverable is watched too: unwatched, it stayed lost,
+    and commands the broker gave up on never reached the dead letters."""
+    worker = await start_worker()
+    await cancel_parking_consumer(worker)
+    assert await consumers_of(amqp_url, UNDELIVERABLE_QUEUE) == 0
+    async with asyncio.timeout(20):
+        while await consumers_of(amqp_url, UNDELIVERABLE_QUEUE) == 0:
+            await asyncio.sleep(0.1)
+    assert worker._parking is not None and worker._parking.restores >= 1
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"command_id": "given-up"}'), routing_key=UNDELIVERABLE_QUEUE
+        )
+        dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        async with asyncio.timeout(20):
+            while (parked := await dead_letters.get(no_ack=True, fail=False)) is None:
+                await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    assert parked.body == b'{"command_id": "given-up"}'
+    assert parked.headers[ERROR_TYPE_HEADER] == "delivery_limit"
 
 
 async def test_sigterm_finishes_in_flight_work_and_exits_zero(

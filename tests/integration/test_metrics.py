@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import WorkerFactory
-from tests.support import producer
+from tests.support import cancel_parking_consumer, producer
 from worker.app import Worker
 from worker.store.sqlite import SqliteStore
 
@@ -124,6 +124,15 @@ async def test_ready_until_the_consumer_is_cancelled(start_worker: WorkerFactory
     assert await get(port, "/readyz") == 503
     assert await get(port, "/healthz") == 200
     assert count(await scrape(port), "otp_consuming") == 0
+
+
+async def test_not_ready_while_the_parking_consumer_is_lost(start_worker: WorkerFactory) -> None:
+    """Without it, commands the broker gave up on never reach the dead letters."""
+    worker, port = await start(start_worker, consumer_check_seconds=3600)
+    assert await get(port, "/readyz") == 200
+    await cancel_parking_consumer(worker)
+    assert await get(port, "/readyz") == 503
+    assert count(await scrape(port), "otp_consuming") == 1  # commands are still consumed
 
 
 async def test_not_ready_once_the_store_is_closed(start_worker: WorkerFactory) -> None:
