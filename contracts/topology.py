@@ -56,16 +56,22 @@ class QueueSpec:
     bindings: tuple[tuple[str, str], ...] = ()
     arguments: dict[str, Any] = field(default_factory=dict)
     durable: bool = True
+    adopt_existing: bool = False
+    """Use the queue as it is when it already exists with other arguments, instead of
+    failing: for a queue that others may declare too."""
 
 
 COMMANDS = ExchangeSpec(COMMANDS_EXCHANGE, "direct")
 EVENTS = ExchangeSpec(EVENTS_EXCHANGE, "topic")
 DEAD_LETTER = ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout")
 
+# Plain durable, as the contract names it, so a foreign client's plain declare matches ours.
+# One left by earlier versions (a quorum queue) or declared otherwise by someone else is used
+# as it is: it holds dead letters, and nobody should have to delete it for us to start.
 DEAD_LETTERS = QueueSpec(
     DEAD_LETTER_QUEUE,
     bindings=((DEAD_LETTER_EXCHANGE, ""),),
-    arguments={"x-queue-type": "quorum"},
+    adopt_existing=True,
 )
 
 COMMAND_QUEUE_SPEC = QueueSpec(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -19,10 +20,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, ChannelPreconditionFailed
 
 from contracts.client import connect_robust
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
+from worker.log import get_logger
+
+log = get_logger(__name__)
 
 _EXCHANGE_TYPES = {
     "direct": aio_pika.ExchangeType.DIRECT,
@@ -66,6 +70,37 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
     queue = await channel.declare_queue(spec.name, durable=spec.durable, arguments=spec.arguments)
     for exchange, routing_key in spec.bindings:
         await queue.bind(exchange, routing_key)
+    return queue
+
+
+async def declare_queue_or_adopt(
+    connection: AbstractRobustConnection, spec: QueueSpec
+) -> AbstractQueue:
+    """``declare_queue`` on a channel of its own, which stays open so that a reconnect
+    declares and binds the queue again.
+
+    When the broker refuses because the queue exists with other arguments (PRECONDITION_FAILED)
+    and the spec says ``adopt_existing``, the queue is used as it is: a passive declare on a
+    fresh channel (the refusal closed the first), then the bindings, and one warning. Any
+    other refusal, or one for another queue, is raised, for the entry point to report."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        return await declare_queue(channel, spec)
+    except ChannelPreconditionFailed as exc:
+        if not spec.adopt_existing:
+            raise
+        refusal = exc
+    with contextlib.suppress(Exception):
+        await channel.close()
+    channel = await connection.channel(publisher_confirms=False)
+    queue = await channel.declare_queue(spec.name, passive=True)
+    for exchange, routing_key in spec.bindings:
+        await queue.bind(exchange, routing_key)
+    log.warning(
+        "queue exists with other arguments; using it as it is",
+        queue=spec.name,
+        refusal=str(refusal),
+    )
     return queue
 
 

@@ -21,7 +21,13 @@ from contracts.topology import (
     DEAD_LETTERS,
     UNDELIVERABLE,
 )
-from worker.amqp import Publisher, connect, declare_exchanges, declare_queue
+from worker.amqp import (
+    Publisher,
+    connect,
+    declare_exchanges,
+    declare_queue,
+    declare_queue_or_adopt,
+)
 from worker.consumer import CommandConsumer, Observer
 from worker.domain.codes import CodeHasher
 from worker.domain.sealing import Sealer
@@ -83,7 +89,7 @@ class Worker:
         consume = await self.connection.channel(publisher_confirms=False)
         await consume.set_qos(prefetch_count=s.prefetch)
         exchanges = await declare_exchanges(publish)
-        await declare_queue(publish, DEAD_LETTERS)
+        await declare_queue_or_adopt(self.connection, DEAD_LETTERS)
         undeliverable = await declare_queue(consume, UNDELIVERABLE)
         self._queue = await declare_queue(consume, COMMAND_QUEUE_SPEC)
 

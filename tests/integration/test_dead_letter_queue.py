@@ -1,0 +1,55 @@
+"""``otp.dead-letter`` as CONTRACT.md names it: a durable queue that others may declare too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import pytest
+from structlog.testing import capture_logs
+
+from contracts.topology import DEAD_LETTER_QUEUE, ERROR_TYPE_HEADER
+from tests.conftest import WorkerFactory
+from tests.support import producer
+
+QUORUM = {"x-queue-type": "quorum"}
+
+
+async def test_a_foreign_client_declares_it_as_the_contract_names_it(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """A plain durable declare, as an acceptance suite written from the contract would do."""
+    await start_worker()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("arguments", [QUORUM, {}], ids=["quorum", "plain"])
+async def test_a_dead_letter_queue_declared_before_is_used_as_it_is(
+    amqp_url: str, start_worker: WorkerFactory, arguments: dict[str, Any]
+) -> None:
+    """Earlier versions declared it as a quorum queue; someone else may have declared it
+    plain. Either way the worker starts and dead-letters into it, and leaves it as it was."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=arguments)
+        with capture_logs() as logs:
+            await start_worker()
+        adopted = [
+            e for e in logs if e["log_level"] == "warning" and e.get("queue") == DEAD_LETTER_QUEUE
+        ]
+        assert len(adopted) == (1 if arguments else 0), adopted
+        async with producer(amqp_url) as otp:
+            assert (await otp.call("code.issue", b"{"))["status"] == "rejected"
+        # A passive declare is not enough: only the same arguments prove the queue unchanged.
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments=arguments)
+        dead = await queue.get(no_ack=True, timeout=5)
+    finally:
+        await connection.close()
+    assert dead.body == b"{"
+    assert dead.headers[ERROR_TYPE_HEADER] == "invalid_json"
