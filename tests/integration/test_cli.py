@@ -11,15 +11,21 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from contracts.client import OtpClient
+from contracts.topology import COMMAND_QUEUE
 from tests.conftest import WorkerFactory, make_settings
 from tests.support import ROOT, event_log, producer
 from worker.app import Worker
 from worker.settings import Keys
+from worker.store import open_store
+from worker.store.base import OutboxEvent, Writes
 
 UNREACHABLE = "amqp://guest:secret@127.0.0.1:1/"
 
@@ -255,3 +261,46 @@ async def test_check(
     assert run.rc == (0 if worker_running else 1)
     as_json = json.loads((await otp("check", "--json", env=env, cwd=tmp_path)).out)
     assert as_json["ok"] is worker_running
+
+
+async def stand_in_consumer(message: AbstractIncomingMessage) -> None:
+    await message.reject(requeue=True)
+
+
+async def test_check_fails_over_the_backlog_bound(
+    amqp_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """One event the relay has not published, and a consumer on the command queue (a stand-in:
+    a worker would relay the event), so that the bound alone decides the exit code."""
+    await (await own_worker(amqp_url, database_url, tmp_path)).stop()
+    store = await open_store(database_url)
+    try:
+        async with store.transaction() as tx:
+            await tx.write(
+                Writes(events=[OutboxEvent("e-1", "code.issued", b"{}", "code.issued")]),
+                datetime.now(UTC),
+            )
+    finally:
+        await store.close()
+    env = cli_env(amqp_url, OTP_DATABASE_URL=database_url)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+        await queue.consume(stand_in_consumer)
+        over = await otp("check", "--max-backlog", "0", env=env, cwd=tmp_path)
+        within = await otp("check", "--max-backlog", "1", env=env, cwd=tmp_path)
+    finally:
+        await connection.close()
+    assert [line.split(":")[0] for line in over.out.splitlines()] == [
+        "ok   broker reachable",
+        "ok   worker consuming",
+        "ok   store reachable",
+        "FAIL outbox backlog",
+    ], over
+    assert over.out.splitlines()[3] == "FAIL outbox backlog: 1 event(s) waiting (bound 0)"
+    assert over.rc == 1
+    assert within.out.splitlines()[3] == "ok   outbox backlog: 1 event(s) waiting (bound 1)"
+    assert within.rc == 0, within
+    if database_url.startswith("sqlite:"):  # nobody had it open: read as it was, no -wal made
+        assert sorted(p.name for p in tmp_path.glob("otp.db*")) == ["otp.db"]
