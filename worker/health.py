@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import aio_pika
 
 from contracts.topology import COMMAND_QUEUE
-from worker.store import open_store
+from worker.store.probe import probe_store
 
 
 @dataclass(frozen=True)
@@ -69,20 +69,21 @@ async def _broker_checks(url: str, timeout: float) -> list[Check]:
 
 
 async def _store_checks(url: str, max_backlog: int, timeout: float) -> list[Check]:
+    """Through a read-only probe, never ``open_store``: that one would create a missing
+    SQLite database and migrate any schema, and then report the store it had just made."""
     try:
-        store = await asyncio.wait_for(open_store(url), timeout)
+        store = await asyncio.wait_for(probe_store(url), timeout)
     except Exception as exc:
         return [
             Check("store reachable", False, describe(exc)),
             Check("outbox backlog", False, "unknown: the store is unreachable"),
         ]
     try:
-        checks: list[Check] = []
-        try:
-            await asyncio.wait_for(store.ping(), timeout)
-            checks.append(Check("store reachable", True, url.split(":", 1)[0]))
-        except Exception as exc:
-            checks.append(Check("store reachable", False, describe(exc)))
+        checks = [
+            Check(
+                "store reachable", True, f"{store.backend}, schema version {store.schema_version}"
+            )
+        ]
         try:
             backlog = await asyncio.wait_for(store.outbox_backlog(), timeout)
             checks.append(

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -261,6 +264,46 @@ async def test_check(
     assert run.rc == (0 if worker_running else 1)
     as_json = json.loads((await otp("check", "--json", env=env, cwd=tmp_path)).out)
     assert as_json["ok"] is worker_running
+
+
+async def test_check_creates_and_migrates_nothing(
+    amqp_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """A store no worker has opened yet: the check says so, and leaves it as it found it."""
+    env = cli_env(amqp_url)
+    urls = [database_url]
+    if database_url.startswith("sqlite:"):
+        urls.append(f"sqlite:///{tmp_path / 'no' / 'such' / 'otp.db'}")
+    for url in urls:
+        run = await otp("check", "--database-url", url, env=env, cwd=tmp_path)
+        lines = [line.split(":")[0] for line in run.out.splitlines()]
+        assert lines[2:] == ["FAIL store reachable", "FAIL outbox backlog"], run
+        assert run.rc == 1
+    if database_url.startswith("sqlite:"):
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    else:
+        conn = await asyncpg.connect(database_url)
+        try:
+            tables = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        finally:
+            await conn.close()
+        assert tables == []
+
+
+async def test_check_refuses_a_foreign_sqlite_file(amqp_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+    before = path.read_bytes()
+    run = await otp("check", "--database-url", f"sqlite:///{path}",
+                    env=cli_env(amqp_url), cwd=tmp_path)  # fmt: skip
+    assert "FAIL store reachable: not an OTP database" in run.out, run
+    assert run.rc == 1
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
 
 
 async def stand_in_consumer(message: AbstractIncomingMessage) -> None:
