@@ -14,11 +14,21 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._to_client = asyncio.Event()
+        self._to_client.set()
         self.connections = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def hold_from_broker(self) -> None:
+        """Holds back everything the broker sends (confirms, deliveries) until ``release``,
+        like a link that is slow in one direction; what the client sends still gets through."""
+        self._to_client.clear()
+
+    def release(self) -> None:
+        self._to_client.set()
 
     async def cut(self) -> None:
         """Stops accepting and drops every open link, like a network failure."""
@@ -29,6 +39,7 @@ class TcpProxy:
         for writer in list(self._links):
             writer.transport.abort()
         self._links.clear()
+        self.release()  # what was held goes nowhere: its links are closed
 
     async def restore(self) -> None:
         await self.start()
@@ -42,12 +53,23 @@ class TcpProxy:
         self.connections += 1
         self._links.update((writer, up_writer))
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer),
+            self._pipe(up_reader, writer, self._to_client),
+            return_exceptions=True,
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if flowing is not None:
+                    await flowing.wait()
+                if writer.transport.is_closing():
+                    break
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
