@@ -74,7 +74,8 @@ class OtpNoReply(OtpError):
 
 
 class OtpTimeout(OtpNoReply):
-    """No reply arrived in time on any attempt (is a worker consuming ``otp.commands``?)."""
+    """No reply arrived in time on any attempt (is a worker consuming ``otp.commands``?),
+    the last one having timed out waiting for its reply or for the broker's confirm."""
 
     def __init__(self, command_id: str, attempts: int, timeout: float) -> None:
         super().__init__(
@@ -240,7 +241,10 @@ class OtpClient:
         """Publishes ``command`` up to ``1 + retries`` times, all with one correlation id.
 
         An attempt ends with a reply, after ``timeout``, or when the connection drops; the
-        next one waits (up to ``timeout``) for the client to be connected again.
+        next one waits (up to ``timeout``) for the client to be connected again. A publish
+        the broker has not confirmed within ``timeout`` (a ``TimeoutError`` out of
+        ``_publish``) is an attempt timed out like one without a reply: the broker may have
+        the command, and publishing it again is what the shared ``command_id`` makes safe.
         """
         timeout = self._timeout if timeout is None else timeout
         correlation_id = str(uuid.uuid4())
@@ -307,8 +311,6 @@ class OtpClient:
                 f"no queue takes {routing_key!r} on {COMMANDS_EXCHANGE}: has a worker ever run "
                 "against this broker?"
             ) from exc
-        except TimeoutError:
-            raise OtpTimeout(command.command_id, 1, timeout) from None
 
     async def _consume_replies(self) -> None:
         # Direct reply-to must be consumed before the first publish on a channel, and the

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
@@ -171,6 +172,39 @@ async def test_retried_call_is_idempotent(amqp_url: str, start_worker: WorkerFac
             if event.user == "sentinel":
                 break
     assert users.count("alice") == 1
+
+
+async def test_a_publish_not_confirmed_in_time_is_published_again(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """The broker takes the command but its confirm does not come back in time (the proxy
+    holds everything the broker sends): that attempt timed out, and the retry goes out."""
+    await declare_topology(amqp_url)
+    async with proxied(amqp_url) as (proxy, url), OtpClient.connect(url) as otp:
+        proxy.hold_from_broker()
+        call = asyncio.create_task(
+            otp.issue(user="alice", client="c", channel="none", timeout=5, retries=1)
+        )
+        published_again = asyncio.create_task(until_queued(amqp_url, 2))
+        done, _ = await asyncio.wait({call, published_again}, return_when=FIRST_COMPLETED)
+        if call in done:  # it gave up before publishing again: say why
+            published_again.cancel()
+            await call
+        await start_worker()
+        proxy.release()
+        issued = await call
+        assert issued.status == "issued"
+        assert proxy.connections == 1
+
+
+async def test_no_confirm_on_any_attempt_is_a_timeout(amqp_url: str) -> None:
+    await declare_topology(amqp_url)
+    async with proxied(amqp_url) as (proxy, url), OtpClient.connect(url) as otp:
+        proxy.hold_from_broker()
+        with pytest.raises(OtpTimeout, match="2 attempt") as raised:
+            await otp.issue(user="alice", client="c", channel="none", timeout=0.5, retries=1)
+        assert raised.value.attempts == 2
+    assert await queued_commands(amqp_url) == 2
 
 
 async def test_a_call_whose_connection_drops_is_published_again_after_reconnecting(
