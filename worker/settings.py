@@ -16,6 +16,7 @@ from typing import Literal
 
 from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.domain.model import Policy
@@ -94,8 +95,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _ttl_fits(self) -> Settings:
+        # A check across fields has no single field to blame: its message names the variables.
         if self.default_ttl_seconds > self.max_ttl_seconds:
-            raise ValueError("default_ttl_seconds must not exceed OTP_MAX_TTL_SECONDS")
+            raise PydanticCustomError(
+                "ttl",
+                "OTP_DEFAULT_TTL_SECONDS ({default}) must not exceed OTP_MAX_TTL_SECONDS ({max})",
+                {"default": self.default_ttl_seconds, "max": self.max_ttl_seconds},
+            )
         return self
 
     def policy(self) -> Policy:
@@ -121,9 +127,9 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = first["loc"][0] if first["loc"] else ""
-        name = f"{ENV_PREFIX}{str(loc).upper()}" if loc else "configuration"
-        raise ConfigError(f"{name}: {first['msg']}") from None
+        if not first["loc"]:  # a check across fields, whose message names its variables
+            raise ConfigError(first["msg"]) from None
+        raise ConfigError(f"{ENV_PREFIX}{str(first['loc'][0]).upper()}: {first['msg']}") from None
 
 
 class Keys:

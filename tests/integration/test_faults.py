@@ -223,6 +223,16 @@ def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_lifetimes_that_disagree_name_both_variables(module: str, tmp_path: Path) -> None:
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", "sqlite:///x.db", tmp_path)
+    env.update(OTP_DEFAULT_TTL_SECONDS="1000", OTP_MAX_TTL_SECONDS="900")
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert "OTP_DEFAULT_TTL_SECONDS" in lines[0] and "OTP_MAX_TTL_SECONDS" in lines[0], lines
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
 def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
     # Both open their SQLite store before the broker: a start that failed without closing it
     # used to leave the process hanging on the store's thread instead of exiting.
