@@ -13,13 +13,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.domain.model import Policy
+from worker.store.urls import backend_of, path_of
 
 ENV_PREFIX = "OTP_"
 
@@ -93,6 +95,22 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url_usable(cls, url: str) -> str:
+        problem = amqp_url_problem(url)
+        if problem:
+            raise PydanticCustomError("url", problem)
+        return url
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_usable(cls, url: str) -> str:
+        problem = database_url_problem(url)
+        if problem:
+            raise PydanticCustomError("url", problem)
+        return url
+
     @model_validator(mode="after")
     def _ttl_fits(self) -> Settings:
         # A check across fields has no single field to blame: its message names the variables.
@@ -120,6 +138,56 @@ class Settings(BaseSettings):
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from naming a broker, or None.
+
+    aio-pika retries a URL without a host for ever, quietly: it must not get that far. The
+    answer never quotes the URL, which may hold a password (even where a port should be)."""
+    shape = "amqp://user:password@host:5672/vhost"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"cannot be read as a URL ({shape})"
+    if parts.scheme not in ("amqp", "amqps"):
+        return f"must start with amqp:// or amqps:// ({shape})"
+    if not parts.hostname:
+        return f"names no host ({shape})"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"the port is not a number from 1 to 65535 ({shape})"
+    return None
+
+
+def database_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from naming a store ``open_store`` can open, or None (never
+    quoting the URL, which may hold a password)."""
+    shapes = "sqlite:///path/otp.db or postgresql://user:password@host:5432/db"
+    backend = backend_of(url)
+    if backend is None:
+        return f"must be a sqlite: or postgresql: URL ({shapes})"
+    if backend == "sqlite" and not path_of(url):
+        return f"names no file ({shapes})"
+    if backend == "postgresql" and not _postgres_ports_valid(url):
+        return f"a port is not a number from 1 to 65535 ({shapes})"
+    return None
+
+
+def _postgres_ports_valid(url: str) -> bool:
+    """libpq URLs may list several hosts (``host1:5432,host2:5433``), which ``urlsplit``
+    cannot read; asyncpg fails on a bad port with a traceback."""
+    netloc = url.split("//", 1)[1].split("/", 1)[0] if "//" in url else ""
+    netloc = netloc.split("?", 1)[0].rpartition("@")[2]
+    for host in netloc.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        _, colon, digits = port.rpartition(":")
+        if colon and digits and not (digits.isdigit() and 1 <= int(digits) <= 65535):
+            return False
+    return True
 
 
 def load_settings() -> Settings:

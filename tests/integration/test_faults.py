@@ -201,10 +201,17 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
         assert set(replies_by_command(otp)) == {f"term-{i}" for i in range(total)}
 
 
-def run_until_exit(module: str, env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
+def run_until_exit(
+    module: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> tuple[int, list[str]]:
     """Runs ``python -m module`` to its end: (exit code, stderr lines)."""
     result = subprocess.run(
-        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", module],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
     return result.returncode, result.stderr.strip().splitlines()
 
@@ -230,6 +237,34 @@ def test_lifetimes_that_disagree_name_both_variables(module: str, tmp_path: Path
     assert code == 2, lines
     assert len(lines) == 1, lines
     assert "OTP_DEFAULT_TTL_SECONDS" in lines[0] and "OTP_MAX_TTL_SECONDS" in lines[0], lines
+
+
+BAD_URLS = [
+    ("OTP_AMQP_URL", "notaurl"),
+    ("OTP_AMQP_URL", "amqp//guest:s3cret@127.0.0.1:5672/"),  # the colon forgotten
+    ("OTP_AMQP_URL", "http://guest:s3cret@127.0.0.1:5672/"),
+    ("OTP_AMQP_URL", "amqp://guest:s3cret@:5672/"),
+    ("OTP_AMQP_URL", "amqp://guest:s3cret@127.0.0.1:99999/"),
+    ("OTP_AMQP_URL", "amqp://guest:s3cret/"),  # no host: the password reads as the port
+    ("OTP_DATABASE_URL", "mysql://otp:s3cret@127.0.0.1/otp"),
+    ("OTP_DATABASE_URL", "sqlite:"),
+    ("OTP_DATABASE_URL", "postgresql://otp:s3cret@127.0.0.1:port/otp"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_URLS)
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_a_bad_url_is_one_line_naming_the_variable(
+    module: str, variable: str, value: str, tmp_path: Path
+) -> None:
+    # A broker URL without a host used to hang for ever (aio-pika retrying "host and port
+    # was not specified", quietly); an unknown database scheme ended in a traceback.
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{tmp_path}/x.db", tmp_path)
+    env[variable] = value
+    code, lines = run_until_exit(module, env, tmp_path, timeout=20)
+    assert code == 2, lines
+    assert len(lines) == 1 and variable in lines[0], lines
+    assert "s3cret" not in lines[0]
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])

@@ -20,7 +20,7 @@ from worker.notifier.store import (
     ClaimedElsewhere,
     open_delivery_store,
 )
-from worker.store.sqlite import path_of
+from worker.store.urls import path_of
 
 PARKED = "another notifier is delivering it; parked"
 

@@ -25,8 +25,9 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from worker.store.sqlite import path_of, retry_locked
+from worker.store.sqlite import retry_locked
 from worker.store.sqlite_transaction import rollback_if_open, run_in_thread
+from worker.store.urls import backend_of, path_of
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS deliveries ("
@@ -256,8 +257,9 @@ class PostgresDeliveryStore:
 
 
 async def open_delivery_store(url: str) -> DeliveryStore:
-    if url.startswith("sqlite:"):
+    backend = backend_of(url)
+    if backend == "sqlite":
         return await SqliteDeliveryStore.open(url)
-    if url.startswith(("postgresql:", "postgres:")):
+    if backend == "postgresql":
         return await PostgresDeliveryStore.open(url)
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from worker.store.base import Store, TransientStoreError
+from worker.store.urls import backend_of
 
 
 async def open_store(
@@ -12,7 +13,8 @@ async def open_store(
     cache_mib: int = 2,
     outbox_lease_seconds: float = 30.0,
 ) -> Store:
-    if url.startswith("sqlite:"):
+    backend = backend_of(url)
+    if backend == "sqlite":
         from worker.store.sqlite import SqliteStore
 
         return await SqliteStore.open(
@@ -21,7 +23,7 @@ async def open_store(
             cache_mib=cache_mib,
             outbox_lease_seconds=outbox_lease_seconds,
         )
-    if url.startswith(("postgresql:", "postgres:")):
+    if backend == "postgresql":
         from worker.store.postgres import PostgresStore
 
         store: Store = await PostgresStore.open(url, outbox_lease_seconds=outbox_lease_seconds)

@@ -33,18 +33,9 @@ from worker.store.sqlite_transaction import (
     run_in_thread,
     ts,
 )
+from worker.store.urls import path_of
 
 log = get_logger(__name__)
-
-
-def path_of(url: str) -> str:
-    """``sqlite:///var/otp.db`` is relative, ``sqlite:////abs/otp.db`` absolute."""
-    rest = url.split(":", 1)[1]
-    if rest.startswith("///"):
-        return rest[3:]
-    if rest.startswith("//"):
-        return rest[2:]
-    return rest
 
 
 TRANSIENT_ERROR_NAMES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR")
