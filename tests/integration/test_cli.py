@@ -10,8 +10,10 @@ import base64
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import sys
+import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -347,3 +349,65 @@ async def test_check_fails_over_the_backlog_bound(
     assert within.rc == 0, within
     if database_url.startswith("sqlite:"):  # nobody had it open: read as it was, no -wal made
         assert sorted(p.name for p in tmp_path.glob("otp.db*")) == ["otp.db"]
+
+
+BARE_INSTALL = """
+import importlib.abc, pkgutil, sys
+WORKER_ONLY = set(sys.argv[1].split(","))
+class Missing(importlib.abc.MetaPathFinder):  # as if only `pip install .` had run
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in WORKER_ONLY:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Missing())
+entry_point = pkgutil.resolve_name(sys.argv[2])  # what the `otp` script calls
+sys.argv = ["otp", *sys.argv[3:]]
+sys.exit(entry_point())
+"""
+
+# The worker extra's distributions, by the module each one is imported as. aiormq is left
+# out: aio-pika depends on it, so a bare install has it too.
+WORKER_EXTRA_MODULES = {
+    "aiosqlite": "aiosqlite",
+    "asyncpg": "asyncpg",
+    "pydantic-settings": "pydantic_settings",
+    "structlog": "structlog",
+    "cryptography": "cryptography",
+    "orjson": "orjson",
+    "uvloop": "uvloop",
+    "jinja2": "jinja2",
+    "aiosmtplib": "aiosmtplib",
+    "httpx": "httpx",
+    "prometheus-client": "prometheus_client",
+    "pyyaml": "yaml",
+}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["keys"], []])
+async def test_otp_without_the_worker_extra_says_what_to_install(
+    args: list[str], tmp_path: Path
+) -> None:
+    # `pip install .` (producers only) installs the `otp` script too; it used to end in
+    # "ModuleNotFoundError: No module named 'orjson'" and a traceback.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = {
+        re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
+        for requirement in project["optional-dependencies"]["worker"]
+    }
+    assert extra - {"aiormq"} == set(WORKER_EXTRA_MODULES), "keep the list in step"
+    blocked = ",".join(WORKER_EXTRA_MODULES.values())
+    script = [BARE_INSTALL, blocked, project["scripts"]["otp"]]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        *script,
+        *args,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    run = Run(process.returncode or 0, "", err.decode())
+    assert_one_error_line(run, 2, "otp: ")
+    assert "[worker]" in run.err and "pip install" in run.err, run.err
