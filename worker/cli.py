@@ -73,7 +73,7 @@ def _explain(exc: Exception) -> tuple[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="otp", description="Issue and confirm one-time codes; operate them.")
     common = _Parser(add_help=False)
-    common.add_argument("--url", help="broker URL (default: OTP_AMQP_URL)")
+    common.add_argument("--url", type=_broker_url, help="broker URL (default: OTP_AMQP_URL)")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     asyncapi.set_defaults(handler=commands.asyncapi)
 
     check = sub.add_parser("check", parents=[common], help="health check: exit 0 or 1")
-    check.add_argument("--database-url", help="default: OTP_DATABASE_URL")
+    check.add_argument("--database-url", type=_database_url, help="default: OTP_DATABASE_URL")
     check.add_argument("--max-backlog", type=int, default=1000, metavar="N")
     check.set_defaults(handler=commands.check)
     return parser
@@ -133,6 +133,26 @@ def _scope(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client", required=True)
     parser.add_argument("--purpose", default="login")
     parser.add_argument("--retries", type=int, default=0, help="re-publish on timeout")
+
+
+def _broker_url(value: str) -> str:
+    """Checked as OTP_AMQP_URL is: aio-pika retries a URL without a host for ever, whatever
+    ``--timeout`` says."""
+    from worker.settings import amqp_url_problem
+
+    return _checked(value, amqp_url_problem(value))
+
+
+def _database_url(value: str) -> str:
+    from worker.settings import database_url_problem
+
+    return _checked(value, database_url_problem(value))
+
+
+def _checked(value: str, problem: str | None) -> str:
+    if problem:
+        raise argparse.ArgumentTypeError(problem)  # never the value: it may hold a password
+    return value
 
 
 def _pair(value: str) -> tuple[str, str]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -128,6 +129,31 @@ async def test_config_error_is_one_line(tmp_path: Path) -> None:
     env = cli_env(UNREACHABLE, OTP_MAX_TTL_SECONDS="forever")
     run = await otp("check", env=env, cwd=tmp_path)
     assert_one_error_line(run, 2, "otp: configuration error: OTP_MAX_TTL_SECONDS")
+
+
+@pytest.mark.parametrize(
+    ("amqp_url", "args", "named"),
+    [
+        ("notaurl", ["issue"], "OTP_AMQP_URL"),
+        (UNREACHABLE, ["issue", "--url", "amqp//guest:s3cret@127.0.0.1/"], "--url"),
+        (UNREACHABLE, ["dead-letters", "list", "--url", "amqp://guest:s3cret/"], "--url"),
+        (UNREACHABLE, ["check", "--database-url", "mysql://otp:s3cret@db/otp"], "--database-url"),
+    ],
+)
+def test_a_bad_url_is_one_line(amqp_url: str, args: list[str], named: str, tmp_path: Path) -> None:
+    # A broker URL without a host used to hang `otp issue` for ever, --timeout or not.
+    if args[0] == "issue":
+        args = [*args, "--user", "a", "--client", "c"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args, "--timeout", "2"],
+        env=cli_env(amqp_url),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert_one_error_line(Run(result.returncode, result.stdout, result.stderr), 2, "otp: ")
+    assert named in result.stderr and "s3cret" not in result.stderr, result.stderr
 
 
 async def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
