@@ -16,7 +16,7 @@ import asyncpg
 
 from worker.store.migrations import migrations
 from worker.store.postgres import TRANSIENT_ERRORS
-from worker.store.sqlite import path_of
+from worker.store.urls import path_of
 
 
 class NotAnOtpStore(Exception):
