@@ -6,7 +6,8 @@ import asyncio
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
@@ -42,33 +43,71 @@ async def wait_for_consumers(url: str, count: int, processes: Processes) -> None
         await connection.close()
 
 
-@pytest.fixture
-async def workers(amqp_url: str, database_url: str, tmp_path: Path) -> AsyncIterator[Processes]:
-    """Small prefetch and batches, so every process gets a share of a burst."""
-    env = worker_env(
-        amqp_url,
-        database_url,
-        tmp_path / "var",
-        OTP_PREFETCH="2",
-        OTP_BATCH_SIZE="2",
-        OTP_REVEAL_CLIENTS="test-app",
-    )
-    processes = [start_process("worker", env, tmp_path / f"worker-{n}.log") for n in range(WORKERS)]
-    try:
-        await wait_for_consumers(amqp_url, WORKERS, processes)
-        yield processes
-    finally:
-        for process in processes:
+@dataclass
+class WorkerGroup:
+    processes: Processes
+    logs: list[Path] = field(default_factory=list)
+
+    def log(self, n: int) -> str:
+        return self.logs[n].read_text()
+
+    def tails(self) -> str:
+        return "\n".join(log.read_text()[-3000:] for log in self.logs)
+
+    async def stop(self) -> list[int]:
+        """SIGTERM to every process still running; the exit codes of all."""
+        for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        codes = [await asyncio.to_thread(p.wait, 60) for p in processes]
-        assert codes == [0] * WORKERS, "\n".join(
-            (tmp_path / f"worker-{n}.log").read_text()[-3000:] for n in range(WORKERS)
+        return [await asyncio.to_thread(p.wait, 60) for p in self.processes]
+
+
+StartWorkers = Callable[..., Awaitable[WorkerGroup]]
+
+
+@pytest.fixture
+async def start_workers(
+    amqp_url: str, database_url: str, tmp_path: Path
+) -> AsyncIterator[StartWorkers]:
+    """Starts three worker processes, once each is consuming; kills leftovers at teardown.
+    Small prefetch and batches by default, so every process gets a share of a burst."""
+    groups: list[WorkerGroup] = []
+
+    async def start(**overrides: str) -> WorkerGroup:
+        env = worker_env(
+            amqp_url,
+            database_url,
+            tmp_path / "var",
+            **{
+                "OTP_PREFETCH": "2",
+                "OTP_BATCH_SIZE": "2",
+                "OTP_REVEAL_CLIENTS": "test-app",
+                **overrides,
+            },
         )
+        logs = [tmp_path / f"worker-{len(groups)}-{n}.log" for n in range(WORKERS)]
+        group = WorkerGroup([start_process("worker", env, log) for log in logs], logs)
+        groups.append(group)
+        await wait_for_consumers(amqp_url, WORKERS, group.processes)
+        return group
+
+    yield start
+    for group in groups:
+        for process in group.processes:
+            if process.poll() is None:
+                process.kill()
+            await asyncio.to_thread(process.wait, 30)
+
+
+@pytest.fixture
+async def workers(start_workers: StartWorkers) -> AsyncIterator[WorkerGroup]:
+    group = await start_workers()
+    yield group
+    assert await group.stop() == [0] * WORKERS, group.tails()
 
 
 async def test_concurrent_confirmations_are_counted_exactly(
-    amqp_url: str, workers: Processes
+    amqp_url: str, workers: WorkerGroup
 ) -> None:
     async with producer(amqp_url) as otp, asyncio.timeout(60):
         wrong = await otp.issue(user="race-wrong", reveal=True)
