@@ -1,4 +1,5 @@
-"""Three worker processes race on one code: attempts are counted exactly, on every backend."""
+"""Three worker processes race: attempts and failure streaks are counted exactly, and a
+worker killed mid-burst loses nothing, on every backend."""
 
 from __future__ import annotations
 
@@ -138,3 +139,44 @@ async def test_concurrent_confirmations_are_counted_exactly(
     assert Counter(r["status"] for r in wrong_replies) == {"invalid": 4, "locked": 36}
     assert Counter(r["status"] for r in right_replies)["confirmed"] == 1
     assert all(r["status"] in {"confirmed", "not_found"} for r in right_replies)
+
+
+async def test_the_failure_pause_counts_every_failure_across_processes(
+    amqp_url: str, start_workers: StartWorkers
+) -> None:
+    """Failed confirms for one user, each in a scope of its own, raced by three processes:
+    only the user's lock orders them, and the streak must still count every one."""
+    limit = 60
+    group = await start_workers(OTP_MAX_CONSECUTIVE_FAILURES=str(limit))
+    user, client = "streak", "test-app"
+    async with producer(amqp_url) as otp, asyncio.timeout(60):
+        issued = [await otp.issue(user=user, purpose=f"p{n}", reveal=True) for n in range(10)]
+        guesses = [wrong_code(i["code"]) for i in issued] + ["123456"] * (limit - 1 - len(issued))
+        futures = [
+            await otp.send(
+                "code.confirm",
+                {"command_id": f"f{n}", "user": user, "client": client, "purpose": f"p{n}"}
+                | {"code": guess},
+            )
+            for n, guess in enumerate(guesses)
+        ]
+        replies = await asyncio.gather(*futures)
+        assert Counter(r["status"] for r in replies) == {
+            "invalid": len(issued),
+            "not_found": limit - 1 - len(issued),
+        }
+        # One failure short of the limit, issuing goes on; the limit-th failure pauses it.
+        assert (await otp.issue(user=user, purpose="short"))["status"] == "issued"
+        assert (await otp.confirm(user=user, purpose="last", code="123456"))[
+            "status"
+        ] == "not_found"
+        paused = await otp.issue(user=user, purpose="paused")
+    assert paused["status"] == "rate_limited", "a failure was lost between processes"
+    assert 3500 < paused["retry_after_seconds"] <= 3600
+    for n in range(WORKERS):  # every process took part in the race
+        assert "command handled" in group.log(n)
+    assert await group.stop() == [0] * WORKERS, group.tails()
+
+
+def wrong_code(code: str) -> str:
+    return "0" * len(code) if code != "0" * len(code) else "1" * len(code)
