@@ -10,12 +10,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
 
 from contracts.topology import COMMAND_QUEUE
-from tests.support import producer, start_process, worker_env
+from tests.integration.test_faults import replies_by_command, wait_until
+from tests.support import EventLog, Producer, event_log, producer, start_process, worker_env
 
 WORKERS = 3
 
@@ -176,6 +178,65 @@ async def test_the_failure_pause_counts_every_failure_across_processes(
     for n in range(WORKERS):  # every process took part in the race
         assert "command handled" in group.log(n)
     assert await group.stop() == [0] * WORKERS, group.tails()
+
+
+async def test_sigkill_of_one_of_three_workers_mid_burst_loses_nothing(
+    amqp_url: str, start_workers: StartWorkers
+) -> None:
+    """The survivors take over what the killed worker held: every command answered, the same
+    answer to a command answered before the kill, one code and one event per command."""
+    total = 1500
+    group = await start_workers(OTP_PREFETCH="64", OTP_BATCH_SIZE="16")
+    victim = group.processes[0]
+    async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
+        publishing = asyncio.create_task(publish_burst(otp, total, "crash"))
+        await wait_until(
+            lambda: len(otp.reply_messages) >= total // 3 and "command handled" in group.log(0),
+            timeout=60,
+        )
+        victim.send_signal(signal.SIGKILL)
+        assert len(otp.reply_messages) < total, "the kill came too late to test anything"
+        await asyncio.to_thread(victim.wait, 10)
+        futures = await publishing
+        await asyncio.wait_for(asyncio.gather(*futures), 60)
+
+        replies = replies_by_command(otp)
+        assert set(replies) == {f"crash-{i}" for i in range(total)}
+        for command_id, bodies in replies.items():
+            assert all(b == bodies[0] for b in bodies), f"{command_id} got different replies"
+            assert bodies[0]["status"] == "issued"
+        code_ids = [bodies[0]["code_id"] for bodies in replies.values()]
+        assert len(set(code_ids)) == total
+        await events.wait_for(lambda e: len(issued_events(e)) >= total, timeout=60)
+        assert sorted(issued_events(events).values()) == sorted(code_ids)
+    assert await group.stop() == [-signal.SIGKILL, 0, 0], group.tails()
+
+
+async def publish_burst(
+    otp: Producer, count: int, prefix: str
+) -> list[asyncio.Future[dict[str, Any]]]:
+    """All at once, not one publisher confirm after another: the burst is still arriving when
+    the victim dies, so it dies holding deliveries."""
+    return await asyncio.gather(
+        *(
+            otp.send(
+                "code.issue",
+                {
+                    "command_id": f"{prefix}-{i}",
+                    "user": f"{prefix}-user-{i}",
+                    "client": "test-app",
+                    "channel": "none",
+                    "reveal": True,
+                },
+            )
+            for i in range(count)
+        )
+    )
+
+
+def issued_events(events: EventLog) -> dict[str, str]:
+    """code_id by event_id: events come at least once, so a redelivered one counts once."""
+    return {b["event_id"]: b["code_id"] for b in events.named("code.issued")}
 
 
 def wrong_code(code: str) -> str:
