@@ -216,7 +216,9 @@ async def test_sigkill_of_one_of_three_workers_mid_burst_loses_nothing(
         # the dead worker's commands gets is not: its answers, from a survivor, unchanged.
         answered = handled_command_ids(group.log(0))[:100]
         again = await asyncio.gather(*[otp.send("code.issue", sent[c]) for c in answered])
-        for command_id, reply in zip(answered, await asyncio.gather(*again), strict=True):
+        replayed = await asyncio.wait_for(asyncio.gather(*again), 30)
+        assert answered, "the dead worker's log names no command it answered"
+        for command_id, reply in zip(answered, replayed, strict=True):
             assert reply == replies[command_id][0], f"{command_id} answered differently"
         await events.wait_for(lambda e: len(issued_events(e)) >= total, timeout=60)
         assert sorted(issued_events(events).values()) == sorted(code_ids)
