@@ -41,6 +41,7 @@ from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
+    DeliveryError,
     PublishError,
 )
 from pydantic import ValidationError
@@ -99,6 +100,18 @@ class OtpConnectionLost(OtpNoReply):
 
 class _Lost(Exception):
     """One attempt found no connection, or lost it while publishing."""
+
+
+class OtpRefused(OtpNoReply):
+    """The broker refused the command (a nack: its queue is full with ``reject-publish``, or
+    has no leader); nothing was queued, so sending the same ``command_id`` later is safe."""
+
+    def __init__(self, command_id: str, routing_key: str) -> None:
+        super().__init__(
+            f"the broker refused {routing_key!r} (command_id {command_id}): nothing was "
+            "queued; sending the same command_id again later is safe"
+        )
+        self.command_id = command_id
 
 
 class OtpUnroutable(OtpError):
@@ -311,6 +324,8 @@ class OtpClient:
                 f"no queue takes {routing_key!r} on {COMMANDS_EXCHANGE}: has a worker ever run "
                 "against this broker?"
             ) from exc
+        except DeliveryError as exc:  # a nack; PublishError (a return) is one too, caught above
+            raise OtpRefused(command.command_id, routing_key) from exc
 
     async def _consume_replies(self) -> None:
         # Direct reply-to must be consumed before the first publish on a channel, and the
@@ -434,6 +449,7 @@ __all__ = [
     "OtpConnectionLost",
     "OtpError",
     "OtpNoReply",
+    "OtpRefused",
     "OtpTimeout",
     "OtpUnroutable",
 ]

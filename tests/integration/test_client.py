@@ -22,11 +22,18 @@ from contracts.client import (
     OtpConnectionLost,
     OtpError,
     OtpNoReply,
+    OtpRefused,
     OtpTimeout,
     OtpUnroutable,
 )
 from contracts.events import CodeConfirmed, CodeIssued
-from contracts.topology import COMMAND_QUEUE, COMMAND_QUEUE_SPEC, DEAD_LETTERS, EVENTS_EXCHANGE
+from contracts.topology import (
+    COMMAND_QUEUE,
+    COMMAND_QUEUE_SPEC,
+    COMMANDS_EXCHANGE,
+    DEAD_LETTERS,
+    EVENTS_EXCHANGE,
+)
 from tests.conftest import WorkerFactory
 from tests.proxy import proxied
 from tests.support import ROOT
@@ -136,6 +143,24 @@ async def test_unroutable_when_no_worker_ever_ran(amqp_url: str) -> None:
     async with OtpClient.connect(amqp_url) as otp:
         with pytest.raises(OtpUnroutable, match=r"code\.issue"):
             await otp.issue(user="alice", client="c", channel="none", timeout=2)
+
+
+async def test_a_command_the_broker_refuses_is_one_clear_error(amqp_url: str) -> None:
+    """A nack (here a full queue that rejects publishes) queued nothing: no retry, no wait."""
+    await declare_topology(amqp_url, with_queue=False)
+    async with channel_on(amqp_url) as channel:
+        full = await channel.declare_queue(
+            "", exclusive=False, auto_delete=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )  # fmt: skip
+        await full.bind(COMMANDS_EXCHANGE, "code.issue")
+        async with OtpClient.connect(amqp_url) as otp:
+            with pytest.raises(OtpRefused, match=r"refused 'code\.issue'") as raised:
+                await otp.issue(
+                    user="alice", client="c", channel="none", command_id="r-1", timeout=5
+                )
+    assert raised.value.command_id == "r-1"
+    assert isinstance(raised.value, OtpNoReply)
 
 
 async def test_missing_topology_is_one_clear_error(amqp_url: str) -> None:
