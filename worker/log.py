@@ -115,8 +115,12 @@ def configure(
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # Their debug lines carry message bodies and SQL parameters: never below INFO.
-    for noisy in ("aio_pika", "aiormq", "aiosqlite", "asyncpg", "httpx", "httpcore", "aiosmtplib"):
+    for noisy in ("aio_pika", "aiormq", "aiosqlite", "asyncpg", "aiosmtplib"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.INFO))
+    # httpx logs every request's full URL at INFO, and the SMS gateway URL is where its
+    # credentials go (user:password@, ?apikey=): never below WARNING.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tests.integration.conftest import MAX_ATTEMPTS, NotifierFactory
 from tests.integration.notifier_support import Gateway, crafted_event, publish_event
 from tests.support import EventLog, event_log
+from worker.notifier.render import Sms
+from worker.notifier.transports import HttpSmsTransport
 
 
 def settled(events: EventLog) -> bool:
@@ -47,3 +51,24 @@ async def test_a_gateway_that_stalls_past_the_timeout_is_retried(
     assert gateway.hung_up == 1, "the notifier did not give up on the stalled request"
     [request] = gateway.requests
     assert "161803" in request["text"]
+
+
+async def test_the_gateway_url_and_its_credentials_stay_out_of_the_logs(gateway: Gateway) -> None:
+    """The URL is where a gateway's credentials go; httpx logs each request's URL at INFO."""
+    records: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    capture = Capture()
+    logging.getLogger().addHandler(capture)
+    try:
+        url = f"http://gw-user:gw-pass-XYZ@127.0.0.1:{gateway.port}/sms?apikey=gw-key-XYZ"
+        sms = HttpSmsTransport(url, timeout=5)
+        await sms.send_sms("+49151", Sms(text="your code"), "code-1")
+        await sms.close()
+    finally:
+        logging.getLogger().removeHandler(capture)
+    assert gateway.hits == 1
+    assert not [line for line in records if "XYZ" in line]
