@@ -30,12 +30,14 @@ Purpose = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_.
 
 
 class StrictCommand(BaseModel):
-    """Commands reject unknown fields and do not coerce types."""
+    """Commands reject unknown fields and do not coerce types. A validation error never
+    quotes the input: a confirm's candidate code would end up wherever it is logged."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
 
 
 class OpenMessage(BaseModel):
-    """Replies and events: readers ignore fields a later version adds."""
+    """Replies and events: readers ignore fields a later version adds. A validation error
+    never quotes the input (a revealed code)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)

@@ -7,8 +7,10 @@ from datetime import timedelta
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from contracts.commands import ConfirmCode, IssueCode
+from contracts.replies import IssueResult
 from worker.domain.model import Policy
 from worker.masking import mask_destination
 from worker.parsing import Rejection, command_id_hint, parse_command
@@ -143,3 +145,18 @@ def test_a_command_id_for_the_logs_is_found_in_any_body(
     body: bytes, command_id: str | None
 ) -> None:
     assert command_id_hint(body) == command_id
+
+
+@pytest.mark.parametrize("code", [482913, "48291" * 8])
+def test_a_producers_validation_error_never_quotes_a_candidate_code(code: object) -> None:
+    """``ConfirmCode(...)`` in a producer: its error is likely logged, with a real code."""
+    with pytest.raises(ValidationError) as raised:
+        ConfirmCode(command_id="c", user="u", client="c", code=code)  # type: ignore[arg-type]
+    assert "48291" not in str(raised.value)
+    assert "code" in str(raised.value)
+
+
+def test_a_bad_reply_is_reported_without_its_revealed_code() -> None:
+    with pytest.raises(ValidationError) as raised:
+        IssueResult.model_validate({"command_id": "c", "status": "issued", "code": 428571})
+    assert "428571" not in str(raised.value)
