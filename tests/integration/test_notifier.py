@@ -330,3 +330,13 @@ async def test_stop_finishes_the_delivery_in_flight(
         await events.wait_for(lambda e: e.named("code.delivered"))
     assert len(smtp.mails) == 1
     assert "864200" in smtp.mails[0].text
+
+
+@pytest.mark.parametrize("starttls", [False, True])
+async def test_a_login_without_starttls_is_warned_about_at_start(
+    start_notifier: NotifierFactory, starttls: bool
+) -> None:
+    with capture_logs() as logs:
+        await start_notifier(smtp_username="mailer", smtp_password="pw", smtp_starttls=starttls)
+    warned = [e for e in logs if e["event"].startswith("SMTP login without STARTTLS")]
+    assert len(warned) == (0 if starttls else 1)

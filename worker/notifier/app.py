@@ -144,6 +144,13 @@ class Notifier:
             sms = sms or ConsoleTransport()
         if email is None:
             password = s.smtp_password.get_secret_value() if s.smtp_password else None
+            if s.smtp_username and not s.smtp_starttls:
+                # Not refused: a relay on localhost or a private link may be fine without.
+                log.warning(
+                    "SMTP login without STARTTLS: the password crosses the network "
+                    "unencrypted; set OTP_SMTP_STARTTLS=true",
+                    smtp_host=s.smtp_host,
+                )
             self._smtp = SmtpTransport(
                 SmtpConfig(
                     host=s.smtp_host,
