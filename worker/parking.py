@@ -21,7 +21,7 @@ from worker import settlement
 from worker.amqp import copy_message
 from worker.log import get_logger
 from worker.parsing import command_id_hint
-from worker.redaction import redact
+from worker.redaction import MARK, redact
 
 log = get_logger(__name__)
 
@@ -39,16 +39,17 @@ async def park(
     ``routing_key`` is the command's original one when the message arrives by another route.
     """
     routing_key = routing_key if routing_key is not None else message.routing_key or ""
-    body, redacted = redact(routing_key, message.body)
+    body, redacted = redact(routing_key, message.body, message.content_encoding)
     headers: dict[str, Any] = dict(message.headers or {})
     headers[REASON_HEADER] = reason[:1000]
     headers[ERROR_TYPE_HEADER] = error_type
     headers[ROUTING_KEY_HEADER] = routing_key
     if redacted:
         headers[REDACTED_HEADER] = "code"
-    await exchange.publish(
-        copy_message(message, body, headers), routing_key=routing_key, timeout=timeout
-    )
+    copy = copy_message(message, body, headers)
+    if redacted and body == MARK.encode():
+        copy.content_encoding = None  # the body is the mark now, not a compressed command
+    await exchange.publish(copy, routing_key=routing_key, timeout=timeout)
 
 
 def original_routing_key(message: AbstractIncomingMessage) -> str:

@@ -9,6 +9,8 @@ For a body parked under any routing key but ``code.issue``:
   and every run of four or more digits in any key or value are replaced.
 - Not JSON (not UTF-8, a trailing comma, cut off): the same on the raw bytes read as
   latin-1, so every other byte stays as it came.
+- Compressed or binary (a ``content_encoding`` such as gzip, a compression format's magic
+  bytes, or mostly control bytes): no digit would show, so the whole body is replaced.
 
 Codes are at least six digits (``MIN_CODE_LENGTH``); runs of four, also with one space, dash,
 dot, underscore or slash between digits, leave a margin for how a user typed one. A
@@ -53,9 +55,14 @@ class _TooDeep(Exception):
     pass
 
 
-def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:
-    """The body safe to park, and whether anything in it was replaced."""
+def redact(
+    routing_key: str, body: bytes, content_encoding: str | None = None
+) -> tuple[bytes, bool]:
+    """The body safe to park, and whether anything in it was replaced (``MARK`` alone, when
+    the body was compressed or binary)."""
     scrub_digits = routing_key != ISSUE_ROUTING_KEY
+    if scrub_digits and body and (_encoded(content_encoding) or _looks_binary(body)):
+        return MARK.encode(), True
     try:
         data = orjson.loads(body)
         cleaned = _clean(data, scrub_digits and not _names_its_candidate(data), 0)
@@ -64,6 +71,25 @@ def redact(routing_key: str, body: bytes) -> tuple[bytes, bool]:
     if cleaned == data:
         return body, False
     return orjson.dumps(cleaned), True
+
+
+_PLAIN_ENCODINGS = {"", "identity", "utf-8", "utf8", "us-ascii", "ascii"}
+# gzip, zlib (default, best and no compression), bzip2, xz, zstd, zip
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x78\x9c", b"\x78\xda", b"\x78\x01", b"BZh",
+                     b"\xfd7zXZ", b"\x28\xb5\x2f\xfd", b"PK\x03\x04")  # fmt: skip
+_CONTROL = frozenset(range(0x20)) - {0x00, 0x09, 0x0A, 0x0D} | {0x7F}
+
+
+def _encoded(content_encoding: str | None) -> bool:
+    return (content_encoding or "").strip().lower() not in _PLAIN_ENCODINGS
+
+
+def _looks_binary(body: bytes) -> bool:
+    """Compressed, or mostly control bytes (NUL aside: UTF-16 and UTF-32 text has many)."""
+    if body.startswith(_COMPRESSED_MAGIC):
+        return True
+    controls = sum(1 for byte in body if byte in _CONTROL)
+    return controls * 20 > len(body)
 
 
 def _names_its_candidate(data: Any) -> bool:

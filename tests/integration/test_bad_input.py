@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -354,3 +355,25 @@ async def test_an_undeliverable_command_that_cannot_be_parked_is_named(
     (failed,) = [line for line in lines if line["event"].startswith("could not park")]
     assert failed["command_id"] == "bad-comma"
     assert "424242" not in json.dumps(lines)
+
+
+async def test_a_compressed_confirm_is_parked_as_the_mark_alone(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """gzip hides the digits from any scrubbing: the whole body goes, and its encoding."""
+    await start_worker()
+    body = gzip.compress(b'{"command_id":"gz-1","user":"u","client":"c","code":"424242"}')
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("otp.commands", ensure=False)
+        await exchange.publish(
+            aio_pika.Message(body, content_type="application/json", content_encoding="gzip"),
+            routing_key="code.confirm",
+        )
+    finally:
+        await connection.close()
+    (parked,) = await wait_for_dead_letters(amqp_url)
+    assert parked.body == b"[redacted]"
+    assert parked.content_encoding is None
+    assert parked.headers[REDACTED_HEADER] == "code"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import orjson
 import pytest
@@ -14,6 +16,13 @@ from worker.redaction import MARK, redact
 
 CODE = "424242"
 CONFIRM = {"command_id": "c-1", "user": "u", "client": "app", "code": CODE}
+ISSUE = {
+    "command_id": "i-1",
+    "user": "u",
+    "client": "app",
+    "channel": "sms",
+    "destination": "+4915112345678",
+}
 
 BAD_BODIES = {
     "latin-1 name": b'{"command_id":"x","user":"J\xfcrgen","client":"c","code":"424242"}',
@@ -147,3 +156,33 @@ def test_no_code_survives_in_any_json(shape: object, code: str) -> None:
     redacted, flagged = redact("code.confirm", body)
     assert flagged
     assert code.encode() not in redacted
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "x-custom"])
+def test_a_compressed_confirm_is_replaced_whole(encoding: str) -> None:
+    body = gzip.compress(orjson.dumps(CONFIRM))
+    assert redact("code.confirm", body, encoding) == (MARK.encode(), True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        gzip.compress(orjson.dumps(CONFIRM)),  # no content_encoding said so
+        zlib.compress(orjson.dumps(CONFIRM)),
+        bytes(range(1, 32)) * 4 + b"4242",
+    ],
+    ids=["gzip", "zlib", "control bytes"],
+)
+def test_a_binary_confirm_is_replaced_whole(body: bytes) -> None:
+    assert redact("code.confirm", body) == (MARK.encode(), True)
+
+
+def test_text_in_utf16_or_with_a_plain_encoding_is_still_redacted_in_place() -> None:
+    body = orjson.dumps(CONFIRM).decode().encode("utf-16")
+    redacted, flagged = redact("code.confirm", body, "utf-8")
+    assert flagged and redacted != MARK.encode() and not digits_left(redacted)
+
+
+def test_an_issue_is_never_replaced_whole() -> None:
+    body = gzip.compress(orjson.dumps(ISSUE))
+    assert redact("code.issue", body, "gzip") == (body, False)
