@@ -208,12 +208,13 @@ def start_process(module: str, env: dict[str, str], log_path: Path) -> subproces
 
 
 async def cancel_parking_consumer(worker: Worker) -> None:
-    """Cancels the worker's consumer of otp.worker.undeliverable on its channel, as a lost
-    consumer looks after some reconnects; found as the consumer that is not the command one."""
-    assert worker._queue is not None and worker._tag is not None
-    channel = await worker._queue.channel.get_underlay_channel()
-    (tag,) = [tag for tag in channel.consumers if tag != worker._tag]
-    await channel.basic_cancel(tag)
+    """Cancels the worker's consumer of otp.worker.undeliverable on its own channel, as a lost
+    consumer looks after some reconnects."""
+    parking = worker._parking
+    assert parking is not None and parking.tag is not None
+    channel = await parking.queue.channel.get_underlay_channel()
+    assert list(channel.consumers) == [parking.tag]  # alone on its channel
+    await channel.basic_cancel(parking.tag)
 
 
 async def consumers_of(url: str, queue: str) -> int:

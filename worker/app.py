@@ -45,6 +45,8 @@ from worker.watchdog import ConsumerWatchdog
 log = get_logger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+PARKING_PREFETCH = 16
+"""Commands from otp.worker.undeliverable parked at once: each waits for its confirm."""
 
 
 class Worker:
@@ -88,9 +90,14 @@ class Worker:
         replies = await self.connection.channel(publisher_confirms=False)
         consume = await self.connection.channel(publisher_confirms=False)
         await consume.set_qos(prefetch_count=s.prefetch)
+        # Parking gets a channel of its own: a command batch acks with one `multiple` ack up
+        # to its last tag, which on a shared channel settled a command still being parked,
+        # and a slow park held up the deliveries of the commands behind it.
+        parking = await self.connection.channel(publisher_confirms=False)
+        await parking.set_qos(prefetch_count=PARKING_PREFETCH)
         exchanges = await declare_exchanges(publish)
         await declare_queue_or_adopt(self.connection, DEAD_LETTERS)
-        undeliverable = await declare_queue(consume, UNDELIVERABLE)
+        undeliverable = await declare_queue(parking, UNDELIVERABLE)
         self._queue = await declare_queue(consume, COMMAND_QUEUE_SPEC)
 
         self.relay = OutboxRelay(

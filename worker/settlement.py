@@ -20,6 +20,7 @@ class Settlement:
 
     Batches leave the inbox in delivery order and are settled in that order, so every
     earlier delivery on a channel is already settled when a batch's multiple ack goes out.
+    That holds because the command consumer has its channel to itself (``Worker.start``).
     """
 
     def __init__(self) -> None:

@@ -182,6 +182,48 @@ async def test_a_lost_parking_consumer_is_detected_and_restored(
     assert parked.headers[ERROR_TYPE_HEADER] == "delivery_limit"
 
 
+async def test_a_command_batchs_ack_never_settles_a_command_being_parked(
+    amqp_url: str, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch acks with one ``multiple`` ack up to its last delivery tag: on a channel shared
+    with the parking consumer, it acked a command whose parking was still under way. Its
+    failure's requeue then met an unknown delivery tag, and the command was lost."""
+    import worker.parking
+
+    real_park = worker.parking.park
+    gate = asyncio.Event()
+    parks = 0
+
+    async def slow_then_failing_park(*args: Any, **kwargs: Any) -> None:
+        nonlocal parks
+        parks += 1
+        if parks == 1:
+            await gate.wait()
+            raise RuntimeError("the dead-letter exchange is away")
+        await real_park(*args, **kwargs)
+
+    monkeypatch.setattr(worker.parking, "park", slow_then_failing_park)
+    await start_worker()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"command_id": "given-up"}'), routing_key=UNDELIVERABLE_QUEUE
+        )
+        await wait_until(lambda: parks == 1)
+        async with producer(amqp_url) as otp:  # a batch is acked while the park waits
+            assert (await otp.issue(user="meanwhile"))["status"] == "issued"
+        gate.set()
+        dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        async with asyncio.timeout(20):
+            while (parked := await dead_letters.get(no_ack=True, fail=False)) is None:
+                await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    assert parked.body == b'{"command_id": "given-up"}'
+    assert parks == 2
+
+
 async def test_sigterm_finishes_in_flight_work_and_exits_zero(
     amqp_url: str, database_url: str, tmp_path: Path, spawn: Spawn
 ) -> None:
