@@ -16,7 +16,7 @@ from worker.log import configure, get_logger
 from worker.log import flush as flush_logs
 from worker.loop import run as run_loop
 from worker.settings import ConfigError, Keys, Settings, load_settings
-from worker.store.base import TransientStoreError
+from worker.store.base import StoreRefused, TransientStoreError
 
 
 class StartupError(Exception):
@@ -84,7 +84,7 @@ def startup_failure(exc: BaseException, settings: Settings) -> str | None:
         )
     if isinstance(exc, ChannelAccessRefused):
         return f"the broker refused access: {exc}"
-    if isinstance(exc, TransientStoreError):
+    if isinstance(exc, TransientStoreError | StoreRefused):
         return f"cannot open the store: {exc}"
     if isinstance(exc, OSError):
         return f"cannot start: {exc}"

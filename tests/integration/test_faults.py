@@ -374,6 +374,22 @@ def test_unreachable_postgres_is_one_line(module: str, tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot connect to PostgreSQL" in lines[0], lines
 
 
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://no_such_role_otp@127.0.0.1:5432/test",
+        "postgresql://postgres@127.0.0.1:5432/no_such_database_otp",
+    ],
+    ids=["role", "database"],
+)
+def test_a_postgres_refusal_is_one_line(module: str, url: str, tmp_path: Path) -> None:
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", url, tmp_path)
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1 and "PostgreSQL refused the connection" in lines[0], lines
+
+
 async def test_a_queue_declared_with_other_arguments_stops_the_worker_in_one_line(
     amqp_url: str, tmp_path: Path
 ) -> None:

@@ -23,6 +23,11 @@ class TransientStoreError(Exception):
     """The store could not answer now (locked, connection lost); the batch may be retried."""
 
 
+class StoreRefused(Exception):
+    """The store refused us for a reason no retry mends (unknown role or database, wrong
+    password): at start, one line for the entry point to report."""
+
+
 class TransactionEnded(RuntimeError):
     """A step after ``write``, which ends a transaction on every store."""
 

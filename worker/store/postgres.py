@@ -21,6 +21,7 @@ import asyncpg
 from worker.store.base import (
     OutboxEvent,
     OutboxRow,
+    StoreRefused,
     SweepResult,
     TransientStoreError,
 )
@@ -53,6 +54,11 @@ async def connect_pool(url: str, **options: Any) -> asyncpg.Pool:
         return await asyncpg.create_pool(url, **options)
     except TRANSIENT_ERRORS as exc:
         raise TransientStoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+    except (
+        asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # no such role, bad password
+        asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+    ) as exc:
+        raise StoreRefused(f"PostgreSQL refused the connection: {exc}") from exc
 
 
 class PostgresStore:
