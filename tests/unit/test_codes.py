@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
@@ -123,6 +124,20 @@ def test_pseudonyms_are_stable_and_keyed() -> None:
         "destination", "x@example.org"
     )
     assert "example" not in a.pseudonym("destination", "x@example.org")
+
+
+def test_fingerprints_are_keyed_and_outlive_a_rotation() -> None:
+    value = b'{"code":"123456"}'
+    old = CodeHasher(b"old-key-0123456789")
+    mark = old.fingerprint("command", value)
+    assert mark != hashlib.sha256(value).digest() and b"123456" not in mark
+    assert old.fingerprint_matches("command", value, mark)
+    assert not old.fingerprint_matches("command", b'{"code":"123457"}', mark)
+    assert not old.fingerprint_matches("other", value, mark)
+    rotated = CodeHasher(b"new-key-0123456789", previous=[b"old-key-0123456789"])
+    assert rotated.fingerprint("command", value) != mark
+    assert rotated.fingerprint_matches("command", value, mark)
+    assert not CodeHasher(b"new-key-0123456789").fingerprint_matches("command", value, mark)
 
 
 def test_sealed_code_opens_only_with_the_delivery_key() -> None:

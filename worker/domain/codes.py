@@ -50,6 +50,22 @@ class CodeHasher:
         mac = hmac.new(self._current, f"{purpose}\x00{value}".encode(), hashlib.sha256)
         return mac.hexdigest()[:32]
 
+    def fingerprint(self, purpose: str, value: bytes) -> bytes:
+        """A keyed digest of a value that is only ever compared, never read back (a command's
+        content, which may hold a candidate code: unkeyed, a 6-digit one falls to 10⁶ hashes)."""
+        return _fingerprint(self._current, purpose, value)
+
+    def fingerprint_matches(self, purpose: str, value: bytes, fingerprint: bytes) -> bool:
+        """Under the current or any previous key: a fingerprint outlives a key rotation."""
+        matched = False
+        for key in self._keys.values():
+            matched |= hmac.compare_digest(_fingerprint(key, purpose, value), fingerprint)
+        return matched
+
 
 def _mac(key: bytes, code_id: str, code: str) -> bytes:
     return hmac.new(key, f"{code_id}\x00{code}".encode(), hashlib.sha256).digest()
+
+
+def _fingerprint(key: bytes, purpose: str, value: bytes) -> bytes:
+    return hmac.new(key, purpose.encode() + b"\x00" + value, hashlib.sha256).digest()
