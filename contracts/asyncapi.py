@@ -52,8 +52,11 @@ def build_document() -> dict[str, Any]:
             "description": (
                 "Wire contract version 1 (docs/CONTRACT.md). Producers publish commands to "
                 f"`{COMMANDS.name}` and await one reply per distinct `command_id` on their "
-                f"`reply_to`; subscribers bind their own queue to `{EVENTS.name}`. Generated "
-                "from the pydantic models in `contracts/` by `otp asyncapi`."
+                f"`reply_to`; subscribers bind their own queue to `{EVENTS.name}`. A repeat "
+                "(the same `command_id` with the same content) gets the first reply again; "
+                "another command under a used `command_id` is rejected with error type "
+                "`command_id_reused` and has no effect. Generated from the pydantic models in "
+                "`contracts/` by `otp asyncapi`."
             ),
         },
         "defaultContentType": "application/json",
@@ -111,7 +114,11 @@ def _messages() -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     REASON_HEADER: {"type": "string", "description": "Why it was rejected."},
-                    ERROR_TYPE_HEADER: {"type": "string"},
+                    ERROR_TYPE_HEADER: {
+                        "type": "string",
+                        "description": "The reply's `error.type` (e.g. `command_id_reused`), "
+                        "or `internal_error` / `delivery_limit` for commands without a reply.",
+                    },
                     ROUTING_KEY_HEADER: {
                         "type": "string",
                         "description": "The routing key it was published with.",

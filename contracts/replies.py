@@ -8,7 +8,9 @@ from pydantic import BaseModel
 
 from contracts._base import OpenMessage, UtcDatetime
 
-ErrorType = Literal["invalid_json", "validation_error", "too_large", "reveal_not_permitted"]
+ErrorType = Literal[
+    "invalid_json", "validation_error", "too_large", "reveal_not_permitted", "command_id_reused"
+]
 IssueStatus = Literal["issued", "rate_limited", "rejected"]
 ConfirmStatus = Literal["confirmed", "invalid", "locked", "expired", "not_found", "rejected"]
 

@@ -198,7 +198,7 @@ class CommandConsumer:
     async def _deliver(
         self,
         valid: Sequence[Valid],
-        handled: Sequence[Handled],
+        handled: Sequence[Handled | Rejection],
         rows: Sequence[OutboxRow],
         started: float,
         settlement: Settlement,
@@ -206,7 +206,11 @@ class CommandConsumer:
         self._relay.submit(rows)
         now = datetime.now(UTC)
         replies: list[Outgoing] = []
+        refused: list[Step] = []
         for (message, command), outcome in zip(valid, handled, strict=True):
+            if isinstance(outcome, Rejection):  # a reused command_id: like a malformed command
+                refused.append(partial(self._reject, message, outcome, started, settlement))
+                continue
             if message.reply_to:
                 replies.append(self._reply(message, outcome.reply, outcome.reply_type, now))
             settlement.ack(message)
@@ -221,6 +225,7 @@ class CommandConsumer:
             if self._observe:
                 self._observe(message.routing_key or "", outcome, started)
         await self._replies.publish_many(replies, timeout=self._timeout)
+        await asyncio.gather(*(step() for step in refused))
 
     @staticmethod
     def _reply(

@@ -18,6 +18,7 @@ import orjson
 from contracts.commands import ConfirmCode, IssueCode
 from contracts.events import CodeAttemptFailed, CodeConfirmed, CodeIssued, CodeLocked
 from contracts.replies import ConfirmResult, IssueResult
+from worker import idempotency
 from worker.domain.codes import CodeHasher, generate_code
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Policy, Scope
 from worker.domain.policy import (
@@ -30,13 +31,14 @@ from worker.domain.policy import (
     retry_after,
 )
 from worker.domain.sealing import Sealer
-from worker.parsing import Command, kind_of
+from worker.parsing import Command, Rejection, kind_of
 from worker.store.base import (
     OutboxEvent,
     OutboxRow,
     ReplyKey,
     Send,
     StateKeys,
+    StoredReply,
     Transaction,
     Writes,
 )
@@ -106,7 +108,9 @@ class CommandHandler:
 
     async def handle_batch(
         self, tx: Transaction, commands: Sequence[Command], now: datetime
-    ) -> tuple[list[Handled], list[OutboxRow]]:
+    ) -> tuple[list[Handled | Rejection], list[OutboxRow]]:
+        """A command whose id has a reply gets that reply if it is the same command, and is
+        rejected (``command_id_reused``, no effect) if it is another one."""
         destinations = {
             id(c): destination_key(self.crypto, c) for c in commands if isinstance(c, IssueCode)
         }
@@ -133,15 +137,20 @@ class CommandHandler:
             streaks=loaded.streaks,
             destinations=destinations,
         )
-        handled = []
+        handled: list[Handled | Rejection] = []
+        hasher = self.crypto.hasher
         for command, key in zip(commands, keys, strict=True):
             earlier = stored.get(key) or state.writes.replies.get(key)
-            if earlier is not None:
-                handled.append(self._replay(key[0], earlier))
-            elif isinstance(command, IssueCode):
-                handled.append(self._issue(state, command, now))
+            if earlier is None:
+                answered = idempotency.fingerprint(hasher, command)
+                if isinstance(command, IssueCode):
+                    handled.append(self._issue(state, command, answered, now))
+                else:
+                    handled.append(self._confirm(state, command, answered, now))
+            elif idempotency.is_repeat(hasher, command, earlier):
+                handled.append(self._replay(key[0], earlier.body))
             else:
-                handled.append(self._confirm(state, command, now))
+                handled.append(idempotency.reused(command))
         rows = await tx.write(state.writes, now)
         return handled, rows
 
@@ -154,15 +163,22 @@ class CommandHandler:
             reply, REPLY_TYPE[kind], reply["status"], reply.get("code_id"), replayed=True
         )
 
+    @staticmethod
     def _remember(
-        self, state: _BatchState, key: ReplyKey, reply: dict[str, Any], sealed: str | None
+        state: _BatchState,
+        key: ReplyKey,
+        fingerprint: bytes,
+        reply: dict[str, Any],
+        sealed: str | None,
     ) -> None:
         kept = {k: v for k, v in reply.items() if k != "code"}
         if sealed is not None:
             kept[_SEALED] = sealed
-        state.writes.replies[key] = orjson.dumps(kept)
+        state.writes.replies[key] = StoredReply(orjson.dumps(kept), fingerprint)
 
-    def _issue(self, state: _BatchState, command: IssueCode, now: datetime) -> Handled:
+    def _issue(
+        self, state: _BatchState, command: IssueCode, fingerprint: bytes, now: datetime
+    ) -> Handled:
         policy, crypto = self.policy, self.crypto
         scope = scope_of(command)
         skey = scope_key(scope)
@@ -178,7 +194,7 @@ class CommandHandler:
             reply = IssueResult.model_construct(
                 command_id=command.command_id, status="rate_limited", retry_after_seconds=wait
             ).to_wire()
-            self._remember(state, key, reply, None)
+            self._remember(state, key, fingerprint, reply, None)
             return Handled(reply, "IssueResult", "rate_limited", None)
         current = state.codes.get(scope)
         if (
@@ -239,10 +255,12 @@ class CommandHandler:
             resent=resent,
             code=code,
         ).to_wire()
-        self._remember(state, key, reply, sealed if command.reveal else None)
+        self._remember(state, key, fingerprint, reply, sealed if command.reveal else None)
         return Handled(reply, "IssueResult", "issued", record.code_id)
 
-    def _confirm(self, state: _BatchState, command: ConfirmCode, now: datetime) -> Handled:
+    def _confirm(
+        self, state: _BatchState, command: ConfirmCode, fingerprint: bytes, now: datetime
+    ) -> Handled:
         scope = scope_of(command)
         record = state.codes.get(scope)
         hasher = self.crypto.hasher
@@ -297,7 +315,7 @@ class CommandHandler:
             code_id=code_id,
             attempts_left=outcome.attempts_left,
         ).to_wire()
-        self._remember(state, ("confirm", command.command_id), reply, None)
+        self._remember(state, ("confirm", command.command_id), fingerprint, reply, None)
         return Handled(reply, "ConfirmResult", outcome.status, code_id)
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""Rate limits, the failure pause, brute force and key rotation, through real workers."""
+"""Rate limits, the failure pause, brute force, reused command ids and key rotation, through
+real workers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.fernet import Fernet
 
+from contracts.topology import ERROR_TYPE_HEADER, REDACTED_HEADER
 from tests.conftest import WorkerFactory
+from tests.integration.test_bad_input import drain_dead_letters
 from tests.integration.test_commands import Clock
 from tests.integration.test_faults import Spawn, wait_until
 from tests.support import event_log, producer, worker_env
@@ -230,3 +234,96 @@ async def _confirm_after_forgetting_old_key(
     async with producer(amqp_url) as otp:
         reply = await otp.confirm(user="r2", code=other["code"])
         assert reply["status"] in {"invalid", "locked"}
+
+
+async def test_a_confirm_id_reused_for_another_user_is_rejected_and_counts_nothing(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """The 2FA bypass: reusing the id of alice's successful confirm must not confirm mallory."""
+    await start_worker(reveal_clients="test-app")
+    async with producer(amqp_url) as otp, event_log(amqp_url) as events:
+        alice = await otp.issue(user="alice", reveal=True)
+        confirm = {"command_id": "c8", "user": "alice", "client": "test-app"}
+        first = await otp.call("code.confirm", confirm | {"code": alice["code"]})
+        assert first["status"] == "confirmed"
+        await otp.issue(user="mallory", client="other")
+        reused = await otp.call(
+            "code.confirm",
+            {"command_id": "c8", "user": "mallory", "client": "other", "code": "999999"},
+        )
+        assert reused["status"] == "rejected" and reused["command_id"] == "c8"
+        assert reused["error"]["type"] == "command_id_reused"
+        assert "code_id" not in reused and "alice" not in reused["error"]["message"]
+        (dead,) = await drain_dead_letters(amqp_url)
+        assert dead.headers[ERROR_TYPE_HEADER] == "command_id_reused"
+        assert dead.headers[REDACTED_HEADER] == "code" and b"999999" not in dead.body
+        # No attempt was counted on mallory's code, and alice's answer stands.
+        wrong = await otp.confirm(user="mallory", client="other", code="000000")
+        assert (wrong["status"], wrong["attempts_left"]) == ("invalid", 4)
+        assert await otp.call("code.confirm", confirm | {"code": alice["code"]}) == first
+        await events.wait_for(lambda e: len(e.named("code.attempt_failed")) == 1)
+        assert len(events.named("code.confirmed")) == 1
+
+
+async def test_an_issue_id_reused_by_a_client_not_allowed_to_reveal_gets_no_code(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    await start_worker(reveal_clients="test-app")
+    async with producer(amqp_url) as otp:
+        issue = {"command_id": "i-reveal", "user": "alice", "channel": "none"}
+        first = await otp.call("code.issue", issue | {"client": "test-app", "reveal": True})
+        assert first["status"] == "issued" and first["code"]
+        reused = await otp.call("code.issue", issue | {"client": "not-listed"})
+        assert reused["status"] == "rejected" and reused["command_id"] == "i-reveal"
+        assert reused["error"]["type"] == "command_id_reused"
+        assert "code" not in reused and "code_id" not in reused
+        assert first["code"] not in orjson.dumps(reused).decode()
+        (dead,) = await drain_dead_letters(amqp_url)
+        assert dead.headers[ERROR_TYPE_HEADER] == "command_id_reused"
+        # Nothing was issued in the other client's scope.
+        fresh = await otp.issue(user="alice", client="not-listed")
+        assert (fresh["status"], fresh["resent"]) == ("issued", False)
+
+
+async def test_a_reused_id_sent_right_behind_its_first_use_is_rejected(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """Usually one batch (tests/unit/test_handler.py pins that case): the first use wins."""
+    await start_worker(reveal_clients="test-app")
+    async with producer(amqp_url) as otp:
+        issue = {"command_id": "one-batch", "user": "alice", "client": "test-app"}
+        futures = [
+            await otp.send("code.issue", issue | {"channel": "none", "reveal": True}),
+            await otp.send("code.issue", issue | {"channel": "none", "user": "mallory"}),
+            await otp.send("code.issue", issue | {"channel": "none", "reveal": True}),
+        ]
+        first, reused, repeat = await asyncio.wait_for(asyncio.gather(*futures), 15)
+        assert first["status"] == "issued" and repeat == first
+        assert reused["error"]["type"] == "command_id_reused" and "code" not in reused
+
+
+async def test_a_repeat_after_rotating_the_secret_key_still_replays(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    old_secret, new_secret = "old-secret-key-0123456789", "new-secret-key-9876543210"
+    delivery = Fernet.generate_key().decode()
+    before = await start_worker(
+        secret_key=old_secret, delivery_key=delivery, reveal_clients="test-app"
+    )
+    async with producer(amqp_url) as otp:
+        issue = {"command_id": "rot-1", "user": "r", "client": "test-app", "channel": "none"}
+        issued = await otp.call("code.issue", issue | {"reveal": True})
+        confirm = {"command_id": "rot-2", "user": "r", "client": "test-app", "code": "x"}
+        failed = await otp.call("code.confirm", confirm)
+        assert (issued["status"], failed["status"]) == ("issued", "invalid")
+        await before.stop()
+        await start_worker(
+            secret_key=new_secret,
+            secret_key_previous=old_secret,
+            delivery_key=delivery,
+            reveal_clients="test-app",
+        )
+        assert await otp.call("code.issue", issue | {"reveal": True}) == issued
+        assert await otp.call("code.confirm", confirm) == failed
+        reused = await otp.call("code.confirm", confirm | {"code": "y"})
+        assert reused["error"]["type"] == "command_id_reused"

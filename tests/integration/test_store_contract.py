@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
@@ -15,12 +17,15 @@ from worker.store.base import (
     OutboxEvent,
     Send,
     StateKeys,
+    StoredReply,
     TransactionEnded,
     TransientStoreError,
     Writes,
 )
 from worker.store.keys import scope_key
+from worker.store.migrations import migrations
 from worker.store.sqlite import SqliteStore
+from worker.store.urls import backend_of, path_of
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = 10.0
@@ -48,6 +53,10 @@ def code(attempts: int = 0, scope: Scope = SCOPE, expires: datetime | None = Non
     )
 
 
+def reply(body: bytes, fingerprint: bytes | None = b"\x01" * 32) -> StoredReply:
+    return StoredReply(body, fingerprint)
+
+
 def event(n: int) -> OutboxEvent:
     return OutboxEvent(f"e-{n}", "code.issued", b'{"n": %d}' % n, "code.issued")
 
@@ -61,7 +70,7 @@ async def write(store: Store, writes: Writes, now: datetime = NOW) -> list[int]:
 async def test_write_then_load_round_trip(store: Store) -> None:
     writes = Writes(
         codes={SCOPE: code(attempts=2)},
-        replies={("issue", "cmd-1"): b'{"status": "issued"}'},
+        replies={("issue", "cmd-1"): reply(b'{"status": "issued"}')},
         sends=[Send(scope_key(SCOPE), "dest-1", NOW - timedelta(minutes=1))],
         streaks={"alice": FailureStreak(3, NOW)},
         events=[event(1), event(2)],
@@ -75,7 +84,7 @@ async def test_write_then_load_round_trip(store: Store) -> None:
             SCOPE: code(attempts=2)
         }
         assert await tx.load_replies([("issue", "cmd-1"), ("confirm", "cmd-1")]) == {
-            ("issue", "cmd-1"): b'{"status": "issued"}'
+            ("issue", "cmd-1"): reply(b'{"status": "issued"}')
         }
         sends = await tx.load_sends([scope_key(SCOPE)], ["dest-1"], NOW - timedelta(hours=1))
         assert sends.by_scope == {scope_key(SCOPE): [NOW - timedelta(minutes=1)]}
@@ -95,7 +104,7 @@ async def test_load_state_is_the_four_loads_at_once(store: Store) -> None:
     await write(
         store,
         Writes(
-            replies={("issue", "cmd-1"): b"stored"},
+            replies={("issue", "cmd-1"): reply(b"stored")},
             codes={SCOPE: code(attempts=1)},
             sends=[Send(scope_key(SCOPE), "dest-1", NOW), Send(scope_key(other), "dest-2", NOW)],
             streaks={"alice": FailureStreak(2, NOW)},
@@ -113,7 +122,7 @@ async def test_load_state_is_the_four_loads_at_once(store: Store) -> None:
                 since=since,
             )
         )
-        assert state.replies == {("issue", "cmd-1"): b"stored"}
+        assert state.replies == {("issue", "cmd-1"): reply(b"stored")}
         assert state.codes == await tx.load_codes([SCOPE, other])
         assert state.streaks == {"alice": FailureStreak(2, NOW)}
         assert state.sends == await tx.load_sends([scope_key(SCOPE)], ["dest-1", "dest-2"], since)
@@ -145,11 +154,19 @@ async def test_a_transaction_cancelled_as_it_begins_leaves_the_store_usable(
 
 
 async def test_a_reply_is_stored_once(store: Store) -> None:
-    await write(store, Writes(replies={("confirm", "c"): b"first"}))
-    await write(store, Writes(replies={("confirm", "c"): b"second", ("issue", "c"): b"other"}))
+    await write(store, Writes(replies={("confirm", "c"): reply(b"first")}))
+    await write(
+        store,
+        Writes(
+            replies={
+                ("confirm", "c"): reply(b"second", b"\x02" * 32),
+                ("issue", "c"): reply(b"other", None),
+            }
+        ),
+    )
     async with store.transaction() as tx:
         found = await tx.load_replies([("confirm", "c"), ("issue", "c")])
-    assert found == {("confirm", "c"): b"first", ("issue", "c"): b"other"}
+    assert found == {("confirm", "c"): reply(b"first"), ("issue", "c"): reply(b"other", None)}
 
 
 async def test_a_failed_transaction_leaves_nothing(store: Store) -> None:
@@ -263,7 +280,7 @@ async def test_sweep_deletes_old_rows_in_limited_batches(store: Store) -> None:
             streaks={"old": FailureStreak(1, old), "new": FailureStreak(1, NOW)},
         ),
     )
-    await write(store, Writes(replies={("issue", f"r{n}"): b"r" for n in range(3)}), now=old)
+    await write(store, Writes(replies={("issue", f"r{n}"): reply(b"r") for n in range(3)}), now=old)
     later = NOW + timedelta(minutes=30)
     sweep = [await store.sweep(later, 60, 3600, 3600, limit=2) for _ in range(4)]
     assert [s.codes for s in sweep] == [2, 1, 0, 0]
@@ -282,6 +299,45 @@ async def test_stores_opening_together_migrate_once(database_url: str) -> None:
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_replies_stored_before_fingerprints_load_without_one(database_url: str) -> None:
+    """A database at schema version 1, with a reply in it, migrates on open: the old row
+    loads with no fingerprint (the worker replays it as before) and new rows keep theirs."""
+    backend = backend_of(database_url)
+    assert backend is not None
+    first = dict(migrations(backend))[1]
+    if backend == "sqlite":
+        conn = sqlite3.connect(path_of(database_url))
+        try:
+            conn.executescript(first)
+            conn.executescript(
+                "PRAGMA user_version=1; INSERT INTO replies (kind, command_id, reply, created_at) "
+                "VALUES ('issue', 'old', x'7b7d', 0);"
+            )
+        finally:
+            conn.close()
+    else:
+        pg = await asyncpg.connect(database_url)
+        try:
+            await pg.execute(first)
+            await pg.execute(
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); "
+                "INSERT INTO schema_version (version) VALUES (1); "
+                "INSERT INTO replies (kind, command_id, reply, created_at) "
+                "VALUES ('issue', 'old', decode('7b7d', 'hex'), now())"
+            )
+        finally:
+            await pg.close()
+    store = await open_store(database_url, outbox_lease_seconds=LEASE)
+    try:
+        await write(store, Writes(replies={("issue", "new"): reply(b"[]")}))
+        async with store.transaction() as tx:
+            found = await tx.load_replies([("issue", "old"), ("issue", "new")])
+        assert found == {("issue", "old"): reply(b"{}", None), ("issue", "new"): reply(b"[]")}
+    finally:
+        await store.close()
 
 
 async def test_locked_transactions_of_two_stores_serialise(store: Store, database_url: str) -> None:
@@ -317,11 +373,11 @@ async def test_a_full_sqlite_database_is_an_error_of_the_moment(tmp_path: Path) 
     store = await open_store(f"sqlite:///{tmp_path}/full.db", outbox_lease_seconds=LEASE)
     assert isinstance(store, SqliteStore)
     try:
-        await write(store, Writes(replies={("issue", "first"): b"{}"}))
+        await write(store, Writes(replies={("issue", "first"): reply(b"{}")}))
         db = store._db
         pages = next(iter(await db.execute_fetchall("PRAGMA page_count")))[0]
         await db.execute(f"PRAGMA max_page_count={pages}")
-        many = Writes(replies={("issue", f"c-{i}"): b"x" * 2000 for i in range(50)})
+        many = Writes(replies={("issue", f"c-{i}"): reply(b"x" * 2000) for i in range(50)})
         with pytest.raises(TransientStoreError, match="full"):
             await write(store, many)
         await db.execute("PRAGMA max_page_count=1073741823")

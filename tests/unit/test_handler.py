@@ -14,13 +14,15 @@ from contracts.commands import ConfirmCode, IssueCode
 from worker.domain.codes import CodeHasher
 from worker.domain.model import CodeRecord, FailureStreak, Policy, Scope
 from worker.domain.sealing import Sealer
-from worker.service import CommandHandler, Crypto
+from worker.parsing import Command, Rejection
+from worker.service import CommandHandler, Crypto, Handled
 from worker.store.base import (
     OutboxRow,
     ReplyKey,
     SendCounts,
     State,
     StateKeys,
+    StoredReply,
     Writes,
     load_state_one_by_one,
 )
@@ -33,13 +35,14 @@ class MemoryTransaction:
 
     def __init__(self) -> None:
         self.codes: dict[Scope, CodeRecord] = {}
+        self.replies: dict[ReplyKey, StoredReply] = {}
         self.events: list[bytes] = []
 
     async def lock(self, keys: Collection[str]) -> None:
         assert list(keys) == sorted(keys)
 
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
-        return {}
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, StoredReply]:
+        return {k: self.replies[k] for k in keys if k in self.replies}
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
         return {s: self.codes[s] for s in scopes if s in self.codes}
@@ -57,6 +60,8 @@ class MemoryTransaction:
 
     async def write(self, writes: Writes, now: datetime) -> list[OutboxRow]:
         self.codes.update(writes.codes)
+        for key, reply in writes.replies.items():
+            self.replies.setdefault(key, reply)
         self.events += [e.body for e in writes.events]
         return []
 
@@ -89,3 +94,118 @@ def test_events_and_replies_match_the_contract_models() -> None:
     assert first["expires_at"].endswith("Z") and first["occurred_at"].endswith("Z")
     assert first["context"] == {"app_name": "Demo"} and "code" not in first
     assert Sealer.__name__ and events[0].sealed_code != reply.code
+
+
+KEY, OLD_KEY = b"k" * 32, b"o" * 32
+DELIVERY_KEY = Fernet.generate_key()
+
+
+def handler(key: bytes = KEY, previous: tuple[bytes, ...] = ()) -> CommandHandler:
+    return CommandHandler(
+        Policy(reveal_clients=frozenset({"qa"})),
+        Crypto(CodeHasher(key, previous), Sealer(DELIVERY_KEY)),
+    )
+
+
+def run(
+    handler: CommandHandler, tx: MemoryTransaction, *commands: Command
+) -> list[Handled | Rejection]:
+    return asyncio.run(handler.handle_batch(tx, commands, NOW))[0]
+
+
+def handled(outcome: Handled | Rejection) -> Handled:
+    assert isinstance(outcome, Handled), outcome
+    return outcome
+
+
+def refused(outcome: Handled | Rejection, command_id: str) -> Rejection:
+    assert isinstance(outcome, Rejection), outcome
+    assert (outcome.command_id, outcome.error.type) == (command_id, "command_id_reused")
+    return outcome
+
+
+def issue(**fields: object) -> IssueCode:
+    return IssueCode.model_validate({"command_id": "i1", "user": "alice", "client": "qa",
+                                     "channel": "none", "reveal": True} | fields)  # fmt: skip
+
+
+def confirm(code: str, **fields: object) -> ConfirmCode:
+    return ConfirmCode.model_validate(
+        {"command_id": "c1", "user": "alice", "client": "qa", "code": code} | fields
+    )
+
+
+def test_a_confirm_id_reused_by_another_user_and_code_is_refused_and_changes_nothing() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    code = handled(run(otp, tx, issue())[0]).reply["code"]
+    (first,) = run(otp, tx, confirm(code, command_id="c8"))
+    assert handled(first).status == "confirmed"
+    run(otp, tx, issue(command_id="i2", user="mallory", client="other", reveal=False))
+    mallory = next(s for s in tx.codes if s.user == "mallory")
+    before, events = tx.codes[mallory], len(tx.events)
+    (outcome,) = run(otp, tx, confirm("999999", command_id="c8", user="mallory", client="other"))
+    rejection = refused(outcome, "c8")
+    assert rejection.kind == "confirm" and "999999" not in rejection.reason
+    assert "alice" not in rejection.reason and "confirmed" not in rejection.reason
+    assert tx.codes[mallory] == before and len(tx.events) == events  # no attempt counted
+    (again,) = run(otp, tx, confirm(code, command_id="c8"))
+    assert handled(again).reply == handled(first).reply and handled(again).replayed
+
+
+def test_an_issue_id_reused_by_a_client_not_allowed_to_reveal_gets_no_code() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    first = handled(run(otp, tx, issue(command_id="i7"))[0])
+    assert first.reply["code"]
+    (outcome,) = run(otp, tx, issue(command_id="i7", client="other", reveal=False))
+    refused(outcome, "i7")
+    assert first.reply["code"] not in repr(outcome)
+    assert len(tx.events) == 1 and len(tx.codes) == 1
+
+
+def test_every_field_counts_and_an_identical_repeat_replays() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    base = issue(command_id="i3", channel="email", destination="a@example.org",
+                 context={"a": "1", "b": "2"}, reveal=False)  # fmt: skip
+    first = handled(run(otp, tx, base)[0])
+    # The same command, its defaults spelled out and its context in another order.
+    same = issue(command_id="i3", channel="email", destination="a@example.org",
+                 context={"b": "2", "a": "1"}, reveal=False, purpose="login", locale="en",
+                 force_new=False)  # fmt: skip
+    assert handled(run(otp, tx, same)[0]).reply == first.reply
+    for change in (
+        {"destination": "b@example.org"}, {"user": "bob"}, {"client": "x"},
+        {"purpose": "pay"}, {"ttl_seconds": 60}, {"locale": "de"}, {"context": {"a": "1"}},
+        {"force_new": True}, {"reveal": True}, {"channel": "sms", "destination": "+4915112345678"},
+    ):  # fmt: skip
+        refused(run(otp, tx, base.model_copy(update=change))[0], "i3")
+    assert len(tx.events) == 1
+
+
+def test_a_reused_id_inside_one_batch_is_refused_and_a_repeat_replays() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    outcomes = run(
+        otp, tx,
+        issue(command_id="b1"), issue(command_id="b1", user="mallory", client="other",
+                                      reveal=False),
+        issue(command_id="b1"),
+    )  # fmt: skip
+    first = handled(outcomes[0])
+    refused(outcomes[1], "b1")
+    assert handled(outcomes[2]).reply == first.reply
+    assert len(tx.events) == 1 and list(tx.codes) == [Scope("alice", "qa", "login")]
+
+
+def test_a_repeat_after_a_key_rotation_still_replays() -> None:
+    tx = MemoryTransaction()
+    first = handled(run(handler(OLD_KEY), tx, confirm("123456"))[0])
+    rotated = handler(KEY, previous=(OLD_KEY,))
+    assert handled(run(rotated, tx, confirm("123456"))[0]).reply == first.reply
+    refused(run(rotated, tx, confirm("654321"))[0], "c1")
+    refused(run(handler(KEY), tx, confirm("123456"))[0], "c1")  # the old key forgotten
+
+
+def test_replies_stored_before_fingerprints_are_replayed_as_before() -> None:
+    tx = MemoryTransaction()
+    tx.replies[("confirm", "c1")] = StoredReply(b'{"command_id":"c1","status":"invalid"}', None)
+    (outcome,) = run(handler(), tx, confirm("999999", user="anyone"))
+    assert handled(outcome).reply == {"command_id": "c1", "status": "invalid"}

@@ -19,6 +19,16 @@ ReplyKey = tuple[str, str]
 """(command kind, command_id): the idempotency key."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredReply:
+    """A command's reply, kept for its repeats, and the keyed fingerprint of the command it
+    answered: a repeat must be the same command, not only carry the same id. ``None`` for
+    rows stored before fingerprints were kept."""
+
+    body: bytes
+    fingerprint: bytes | None
+
+
 class TransientStoreError(Exception):
     """The store could not answer now (locked, connection lost); the batch may be retried."""
 
@@ -61,7 +71,7 @@ class Writes:
     """Everything one batch changes, written in its transaction."""
 
     codes: dict[Scope, CodeRecord] = field(default_factory=dict)
-    replies: dict[ReplyKey, bytes] = field(default_factory=dict)
+    replies: dict[ReplyKey, StoredReply] = field(default_factory=dict)
     sends: list[Send] = field(default_factory=list)
     streaks: dict[str, FailureStreak | None] = field(default_factory=dict)
     events: list[OutboxEvent] = field(default_factory=list)
@@ -108,14 +118,14 @@ class StateKeys:
 
 @dataclass(frozen=True, slots=True)
 class State:
-    replies: dict[ReplyKey, bytes]
+    replies: dict[ReplyKey, StoredReply]
     codes: dict[Scope, CodeRecord]
     sends: SendCounts
     streaks: dict[str, FailureStreak]
 
 
 class StateLoads(Protocol):
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]: ...
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, StoredReply]: ...
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]: ...
 

@@ -20,6 +20,7 @@ from worker.store.base import (
     SendCounts,
     State,
     StateKeys,
+    StoredReply,
     TransactionEnded,
     Writes,
     code_row,
@@ -79,19 +80,22 @@ class PostgresTransaction:
                 "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)", ids
             )
 
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, StoredReply]:
         self._check_open()
         if not keys:
             return {}
         kinds, ids = zip(*keys, strict=True)
         rows = await self._conn.fetch(
-            "SELECT r.kind, r.command_id, r.reply FROM replies r "
+            "SELECT r.kind, r.command_id, r.reply, r.fingerprint FROM replies r "
             "JOIN unnest($1::text[], $2::text[]) AS k(kind, command_id) "
             "USING (kind, command_id)",
             list(kinds),
             list(ids),
         )
-        return {(r[0], r[1]): bytes(r[2]) for r in rows}
+        return {
+            (r[0], r[1]): StoredReply(bytes(r[2]), None if r[3] is None else bytes(r[3]))
+            for r in rows
+        }
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
         self._check_open()
@@ -166,12 +170,12 @@ class PostgresTransaction:
                 *_columns(codes, 12),
             )
         if writes.replies:
-            replies = [(k, c, body) for (k, c), body in writes.replies.items()]
+            replies = [(k, c, r.body, r.fingerprint) for (k, c), r in writes.replies.items()]
             await conn.execute(
-                "INSERT INTO replies (kind, command_id, reply, created_at) "
-                "SELECT k, c, r, $4 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS t(k, c, r) "
-                "ON CONFLICT DO NOTHING",
-                *_columns(replies, 3),
+                "INSERT INTO replies (kind, command_id, reply, fingerprint, created_at) "
+                "SELECT k, c, r, f, $5 FROM unnest($1::text[], $2::text[], $3::bytea[], "
+                "$4::bytea[]) AS t(k, c, r, f) ON CONFLICT DO NOTHING",
+                *_columns(replies, 4),
                 now,
             )
         if writes.sends:

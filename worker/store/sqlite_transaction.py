@@ -27,6 +27,7 @@ from worker.store.base import (
     SendCounts,
     State,
     StateKeys,
+    StoredReply,
     TransactionEnded,
     TransientStoreError,
     Writes,
@@ -71,20 +72,22 @@ def _select(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[A
     return conn.execute(sql, params).fetchall()
 
 
-def _load_replies(conn: sqlite3.Connection, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
+def _load_replies(
+    conn: sqlite3.Connection, keys: Collection[ReplyKey]
+) -> dict[ReplyKey, StoredReply]:
     by_kind: dict[str, list[str]] = {}
     for kind, command_id in keys:
         by_kind.setdefault(kind, []).append(command_id)
-    found: dict[ReplyKey, bytes] = {}
+    found: dict[ReplyKey, StoredReply] = {}
     for kind, ids in by_kind.items():
         # kind first: the primary key (kind, command_id) serves the lookup.
         rows = _select(
             conn,
-            "SELECT command_id, reply FROM replies "
+            "SELECT command_id, reply, fingerprint FROM replies "
             f"WHERE kind = ? AND command_id IN ({marks(len(ids))})",
             [kind, *ids],
         )
-        found.update(((kind, c), r) for c, r in rows)
+        found.update(((kind, c), StoredReply(r, f)) for c, r, f in rows)
     return found
 
 
@@ -167,8 +170,9 @@ def _write(
         )
     if writes.replies:
         conn.executemany(
-            "INSERT OR IGNORE INTO replies (kind, command_id, reply, created_at) VALUES (?,?,?,?)",
-            [(k, c, body, created) for (k, c), body in writes.replies.items()],
+            "INSERT OR IGNORE INTO replies (kind, command_id, reply, fingerprint, created_at) "
+            "VALUES (?,?,?,?,?)",
+            [(k, c, r.body, r.fingerprint, created) for (k, c), r in writes.replies.items()],
         )
     if writes.sends:
         conn.executemany(
@@ -284,7 +288,7 @@ class SqliteTransaction:
     async def lock(self, keys: Collection[str]) -> None:
         """BEGIN IMMEDIATE already holds the database's single write lock."""
 
-    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, bytes]:
+    async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, StoredReply]:
         return await self._step(_load_replies, keys)
 
     async def load_codes(self, scopes: Collection[Scope]) -> dict[Scope, CodeRecord]:
