@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiosqlite
 import asyncpg
+import pytest
 from structlog.testing import capture_logs
 
 from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_queues
@@ -68,6 +70,45 @@ async def test_two_processes_with_copies_of_one_event_send_one_mail(
     assert len(smtp.mails) == 1
     assert "918273" in smtp.mails[0].text
     assert len({d["event_id"] for d in events.named("code.delivered")}) == 1
+
+
+@pytest.mark.parametrize("failures", [1, 1000], ids=["once", "always"])
+async def test_a_sent_mail_whose_recording_fails_is_not_sent_again(
+    amqp_url: str,
+    start_notifier: NotifierFactory,
+    smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+    failures: int,
+) -> None:
+    notifier = await start_notifier()
+    store = notifier.store
+    assert store is not None
+    mark_delivered = store.mark_delivered
+    left = [failures]
+
+    async def locked(*args: object) -> object:
+        if left[0] > 0:
+            left[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await mark_delivered(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "mark_delivered", locked)
+    body = crafted_event("271828")
+    with capture_logs() as logs:
+        async with event_log(amqp_url) as events:
+            await publish_event(amqp_url, body)
+            await events.wait_for(lambda e: len(e.named("code.delivered")) >= 1, timeout=10)
+            await notifier.wait_handled(1)
+    [mail] = smtp.mails
+    assert "271828" in mail.text
+    [delivered] = events.named("code.delivered")
+    assert delivered["code_id"] == body["code_id"] and delivered["attempts"] == 1
+    warnings = [e for e in logs if e["event"].startswith("delivered, but recording it failed")]
+    assert len(warnings) == (1 if failures > 1 else 0)
+    for warning in warnings:
+        assert warning["code_id"] == body["code_id"]
+        assert warning["event_id"] == body["event_id"]
+        assert "271828" not in repr(warning) and "carol@example.org" not in repr(warning)
 
 
 async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) -> None:

@@ -3,11 +3,14 @@
 The outcome tells the consumer what to publish; keeping the broker out of here keeps the
 ordering rules (remember, then publish, then ack) in one place, the consumer. Every attempt
 that may send first claims the event in the store (see ``store.py``), so two processes holding
-copies of one event never both send it.
+copies of one event never both send it. Once a transport accepted a message its claim is
+never released, even when recording the delivery fails: the lease then keeps copies off until
+it runs out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +30,9 @@ from worker.notifier.transports import (
 )
 
 log = get_logger(__name__)
+
+RECORD_TRIES = 3
+RECORD_BACKOFF_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -99,14 +105,37 @@ class Deliverer:
         elif isinstance(claim, ClaimedElsewhere):
             outcome = Busy()
         else:
-            outcome = Retry("interrupted")
+            sent = False
             try:
                 outcome, seconds = await self._attempt_claimed(event, attempt, now)
+                sent = isinstance(outcome, Delivered)
+                if sent:
+                    await self._record(event, attempt, now)
             finally:
-                if not isinstance(outcome, Delivered):  # the next copy may claim it at once
+                if not sent:  # the next copy may claim it at once
                     await self._store.release(event.event_id, token)
         self._observe(event.channel, _result_of(outcome), seconds)
         return outcome
+
+    async def _record(self, event: CodeIssued, attempt: int, now: datetime) -> None:
+        """Marks the event delivered; never raises: the message is out, so this attempt is a
+        delivery whatever the store says. A claim left unmarked keeps copies off for its lease."""
+        ids = {"code_id": event.code_id, "event_id": event.event_id}
+        for tries in range(1, RECORD_TRIES + 1):
+            try:
+                await self._store.mark_delivered(event.event_id, attempt, now)
+            except Exception as exc:
+                if tries < RECORD_TRIES:
+                    await asyncio.sleep(RECORD_BACKOFF_SECONDS * 2 ** (tries - 1))
+                    continue
+                log.warning(
+                    "delivered, but recording it failed; a copy arriving after the claim's lease"
+                    " may be sent again",
+                    error=repr(exc),
+                    **ids,
+                )
+                return
+            return
 
     async def _attempt_claimed(
         self, event: CodeIssued, attempt: int, now: datetime
@@ -133,9 +162,7 @@ class Deliverer:
         except TemplateProblem as exc:
             log.error("template problem", error=str(exc))
             return Failed("template_error", tried), None
-        seconds = _since(started)
-        await self._store.mark_delivered(event.event_id, attempt, now)
-        return Delivered(attempt), seconds
+        return Delivered(attempt), _since(started)
 
     async def _send(self, event: CodeIssued, to: str, code: str, now: datetime) -> None:
         if event.channel == "email":
