@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,15 +14,21 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from contracts.events import CodeIssued
 from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_queues
 from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
-from tests.support import event_log, worker_env
+from tests.support import TEST_DELIVERY_KEY, event_log, worker_env
+from worker.domain.sealing import Sealer
+from worker.notifier.delivery import Delivered, Deliverer
+from worker.notifier.render import Renderer
 from worker.notifier.store import (
     AlreadyDelivered,
     Claimed,
     ClaimedElsewhere,
+    DeliveryStore,
     open_delivery_store,
 )
+from worker.notifier.transports import ConsoleTransport, SmtpConfig, SmtpTransport
 from worker.store.urls import path_of
 
 PARKED = "another notifier is delivering it; parked"
@@ -111,6 +118,64 @@ async def test_a_sent_mail_whose_recording_fails_is_not_sent_again(
         assert "271828" not in repr(warning) and "carol@example.org" not in repr(warning)
 
 
+@contextlib.asynccontextmanager
+async def _deliverer(
+    database_url: str, smtp: SmtpServer, lease: float, smtp_timeout: float = 5.0
+) -> AsyncIterator[tuple[Deliverer, DeliveryStore]]:
+    """A notifier's delivery step alone, against the real store and SMTP server."""
+    transport = SmtpTransport(
+        SmtpConfig(
+            host="127.0.0.1",
+            port=smtp.port,
+            sender="no-reply@localhost",
+            username=None,
+            password=None,
+            starttls=False,
+            timeout=smtp_timeout,
+            pool_size=0,
+        )
+    )
+    store = await open_delivery_store(database_url)
+    try:
+        yield (
+            Deliverer(
+                store=store,
+                sealer=Sealer(TEST_DELIVERY_KEY.encode()),
+                renderer=Renderer(),
+                email=transport,
+                sms=ConsoleTransport(),
+                max_attempts=4,
+                claim_lease_seconds=lease,
+            ),
+            store,
+        )
+    finally:
+        await transport.close()
+        await store.close()
+
+
+async def test_a_claimant_that_lost_its_claim_leaves_the_new_one_and_says_so(
+    database_url: str, smtp: SmtpServer
+) -> None:
+    lease = 30.0
+    smtp.hold(after=0)
+    event = CodeIssued.model_validate(crafted_event("141421"))
+    with capture_logs() as logs:
+        async with _deliverer(database_url, smtp, lease) as (deliverer, store):
+            first = asyncio.create_task(deliverer.attempt(event, 1, datetime.now(UTC)))
+            await smtp.wait_for(lambda: smtp.held == 1)
+            # As if the lease had run out meanwhile: a copy elsewhere takes the claim over.
+            later = datetime.now(UTC) + timedelta(seconds=lease + 1)
+            assert await store.claim(event.event_id, "copy", later, lease) == Claimed("copy")
+            smtp.release(accept=True)
+            assert await first == Delivered(1)
+            # The new claim stands: its own attempt decides what to record.
+            assert await store.claim(event.event_id, "x", later, lease) == ClaimedElsewhere()
+    assert len(smtp.mails) == 1
+    [warning] = [e for e in logs if e["event"].startswith("delivered, but the claim had been")]
+    assert warning["code_id"] == event.code_id and warning["event_id"] == event.event_id
+
+
 async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) -> None:
     store = await open_delivery_store(database_url)
     now = datetime.now(UTC)
@@ -121,7 +186,11 @@ async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) 
         assert await store.claim("e1", "b", now + timedelta(seconds=11), 10) == Claimed("b")
         await store.release("e1", "a")  # a stale claimant cannot drop the new claim
         assert await store.claim("e1", "c", now + timedelta(seconds=12), 10) == ClaimedElsewhere()
-        await store.mark_delivered("e1", 2, now + timedelta(seconds=13))
+        # The stale claimant's delivery does not overwrite the new claim, and it learns so.
+        assert not await store.mark_delivered("e1", "a", 1, now + timedelta(seconds=12))
+        assert await store.claim("e1", "c", now + timedelta(seconds=12), 10) == ClaimedElsewhere()
+        assert await store.mark_delivered("e1", "b", 2, now + timedelta(seconds=13))
+        assert not await store.mark_delivered("e1", "a", 1, now + timedelta(seconds=14))
         far = now + timedelta(days=1)
         assert await store.claim("e1", "d", far, 10) == AlreadyDelivered(2)
         # A released claim (retry, failure) is free at once.
@@ -138,8 +207,8 @@ async def test_a_delivery_is_remembered_until_the_sweep_forgets_it(database_url:
     cutoff = now - timedelta(days=7)  # what a retention of 7 days sweeps at ``now``
     try:
         for n in range(3):
-            await store.mark_delivered(f"old{n}", 1, cutoff - timedelta(seconds=1 + n))
-        await store.mark_delivered("recent", 2, cutoff + timedelta(seconds=1))
+            await store.mark_delivered(f"old{n}", "t", 1, cutoff - timedelta(seconds=1 + n))
+        await store.mark_delivered("recent", "t", 2, cutoff + timedelta(seconds=1))
         assert await store.sweep(cutoff, limit=2) == 2  # a sweep deletes in bounded batches
         assert await store.sweep(cutoff, limit=2) == 1
         assert await store.sweep(cutoff) == 0
@@ -158,8 +227,10 @@ async def test_the_notifier_sweeps_deliveries_older_than_the_retention(
     store = await open_delivery_store(database_url)
     try:
         now = datetime.now(UTC)
-        await store.mark_delivered(old["event_id"], 1, now - retention - timedelta(minutes=1))
-        await store.mark_delivered(recent["event_id"], 3, now - retention + timedelta(minutes=1))
+        await store.mark_delivered(old["event_id"], "t", 1, now - retention - timedelta(minutes=1))
+        await store.mark_delivered(
+            recent["event_id"], "t", 3, now - retention + timedelta(minutes=1)
+        )
     finally:
         await store.close()
     with capture_logs() as logs:

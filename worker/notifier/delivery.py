@@ -110,20 +110,20 @@ class Deliverer:
                 outcome, seconds = await self._attempt_claimed(event, attempt, now)
                 sent = isinstance(outcome, Delivered)
                 if sent:
-                    await self._record(event, attempt, now)
+                    await self._record(event, token, attempt, now)
             finally:
                 if not sent:  # the next copy may claim it at once
                     await self._store.release(event.event_id, token)
         self._observe(event.channel, _result_of(outcome), seconds)
         return outcome
 
-    async def _record(self, event: CodeIssued, attempt: int, now: datetime) -> None:
+    async def _record(self, event: CodeIssued, token: str, attempt: int, now: datetime) -> None:
         """Marks the event delivered; never raises: the message is out, so this attempt is a
         delivery whatever the store says. A claim left unmarked keeps copies off for its lease."""
         ids = {"code_id": event.code_id, "event_id": event.event_id}
         for tries in range(1, RECORD_TRIES + 1):
             try:
-                await self._store.mark_delivered(event.event_id, attempt, now)
+                marked = await self._store.mark_delivered(event.event_id, token, attempt, now)
             except Exception as exc:
                 if tries < RECORD_TRIES:
                     await asyncio.sleep(RECORD_BACKOFF_SECONDS * 2 ** (tries - 1))
@@ -135,6 +135,11 @@ class Deliverer:
                     **ids,
                 )
                 return
+            if not marked:
+                log.warning(
+                    "delivered, but the claim had been taken over; the event may go out twice",
+                    **ids,
+                )
             return
 
     async def _attempt_claimed(

@@ -6,7 +6,9 @@ process first *claims* the event: one atomic upsert inserts a ``claimed`` row wi
 takes over a claim whose lease has run out (its claimant died). Only the claimant sends; it
 then marks the row ``delivered``, or releases the claim when the attempt did not deliver (a
 retry or a failure), so the next copy may claim it at once. A copy that finds a live claim of
-someone else is neither sent nor dropped: the caller parks it and looks again later.
+someone else is neither sent nor dropped: the caller parks it and looks again later. Marking
+takes the claim's token: a claimant whose lease ran out and was taken over does not overwrite
+the new claim, and learns that it lost it.
 
 The table lives in the service's database but belongs to the notifier alone, so the notifier
 creates (and extends) it itself, idempotently, instead of going through the worker's
@@ -54,10 +56,14 @@ _CLAIM = (
     " WHERE deliveries.state = 'claimed' AND deliveries.claimed_until <= excluded.delivered_at"
     " RETURNING claim_token"
 )
+# Only the holder of the claim marks it; a row gone meanwhile (released by a later claimant
+# whose attempt did not deliver) is recorded anyway, so no further copy is sent.
 _DELIVERED = (
     "INSERT INTO deliveries (event_id, delivered_at, attempts, state) VALUES ({p1}, {p2}, {p3},"
     " 'delivered') ON CONFLICT (event_id) DO UPDATE SET delivered_at = excluded.delivered_at,"
     " attempts = excluded.attempts, state = 'delivered', claimed_until = NULL, claim_token = NULL"
+    " WHERE deliveries.state = 'claimed' AND deliveries.claim_token = {p4}"
+    " RETURNING event_id"
 )
 _RELEASE = (
     "DELETE FROM deliveries WHERE event_id = {p1} AND state = 'claimed' AND claim_token = {p2}"
@@ -96,7 +102,10 @@ class DeliveryStore(Protocol):
         self, event_id: str, token: str, now: datetime, lease_seconds: float
     ) -> ClaimResult: ...
 
-    async def mark_delivered(self, event_id: str, attempts: int, now: datetime) -> None: ...
+    async def mark_delivered(self, event_id: str, token: str, attempts: int, now: datetime) -> bool:
+        """False when the claim ``token`` lost the event: another process claimed it after
+        this claim's lease ran out (and may be sending it, or has delivered it)."""
+        ...
 
     async def release(self, event_id: str, token: str) -> None: ...
 
@@ -172,8 +181,11 @@ class SqliteDeliveryStore:
             row = rows[0] if rows else None
         return _interpret(bool(won), token, row)
 
-    async def mark_delivered(self, event_id: str, attempts: int, now: datetime) -> None:
-        await self._db.execute(_DELIVERED.format(**_QMARK), (event_id, now.timestamp(), attempts))
+    async def mark_delivered(self, event_id: str, token: str, attempts: int, now: datetime) -> bool:
+        rows = await self._db.execute_fetchall(
+            _DELIVERED.format(**_QMARK), (event_id, now.timestamp(), attempts, token)
+        )
+        return bool(list(rows))
 
     async def release(self, event_id: str, token: str) -> None:
         await self._db.execute(_RELEASE.format(**_QMARK), (event_id, token))
@@ -235,10 +247,11 @@ class PostgresDeliveryStore:
             row = await self._pool.fetchrow(_LOOK.format(**_DOLLAR), event_id)
         return _interpret(won is not None, token, row)
 
-    async def mark_delivered(self, event_id: str, attempts: int, now: datetime) -> None:
-        await self._pool.execute(
-            _DELIVERED.format(**_DOLLAR), event_id, now.astimezone(UTC), attempts
+    async def mark_delivered(self, event_id: str, token: str, attempts: int, now: datetime) -> bool:
+        marked = await self._pool.fetchval(
+            _DELIVERED.format(**_DOLLAR), event_id, now.astimezone(UTC), attempts, token
         )
+        return marked is not None
 
     async def release(self, event_id: str, token: str) -> None:
         await self._pool.execute(_RELEASE.format(**_DOLLAR), event_id, token)
