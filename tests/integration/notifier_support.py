@@ -64,13 +64,17 @@ class Mail:
 
 class SmtpServer:
     """aiosmtpd in its own thread. ``answers`` are replies to DATA to give first (e.g. 451);
-    ``hold_after`` makes every DATA beyond that many mails wait until ``release()``.
+    ``hold_after`` makes every DATA beyond that many mails wait until ``release()``;
+    ``slow_sessions`` makes that many next connections answer EHLO, MAIL, RCPT and DATA each
+    after ``step_delay`` seconds, as a slow relay does.
     ``options`` go to aiosmtpd's ``SMTP`` (e.g. ``tls_context``, ``require_starttls``)."""
 
     def __init__(self, **options: Any) -> None:
         self.mails: list[Mail] = []
         self.answers: list[str] = []
         self.hold_after: int | None = None
+        self.slow_sessions = 0
+        self.step_delay = 0.0
         self.held = 0
         self.sessions = 0
         """EHLOs: one per connection, unless the server offers STARTTLS (then one more after it)."""
@@ -110,7 +114,32 @@ class SmtpServer:
         session.host_name = hostname
         with self._lock:
             self.sessions += 1
+            if not hasattr(session, "slow"):
+                session.slow = self.slow_sessions > 0
+                if session.slow:
+                    self.slow_sessions -= 1
+        await self._step(session)
         return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        await self._step(session)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        await self._step(session)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
+
+    async def _step(self, session: Any) -> None:
+        if getattr(session, "slow", False):
+            await asyncio.sleep(self.step_delay)
 
     def hold(self, after: int) -> None:
         """Makes every DATA beyond ``after`` mails wait for ``release()``, also after one."""
@@ -124,6 +153,7 @@ class SmtpServer:
         self._controller.loop.call_soon_threadsafe(self._gate.set)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await self._step(session)
         with self._lock:
             if self.answers:
                 return self.answers.pop(0)

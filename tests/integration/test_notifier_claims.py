@@ -19,7 +19,7 @@ from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_qu
 from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
 from tests.support import TEST_DELIVERY_KEY, event_log, worker_env
 from worker.domain.sealing import Sealer
-from worker.notifier.delivery import Delivered, Deliverer
+from worker.notifier.delivery import Delivered, Deliverer, Retry
 from worker.notifier.render import Renderer
 from worker.notifier.store import (
     AlreadyDelivered,
@@ -174,6 +174,26 @@ async def test_a_claimant_that_lost_its_claim_leaves_the_new_one_and_says_so(
     assert len(smtp.mails) == 1
     [warning] = [e for e in logs if e["event"].startswith("delivered, but the claim had been")]
     assert warning["code_id"] == event.code_id and warning["event_id"] == event.event_id
+
+
+async def test_a_send_that_would_outlast_its_claim_is_cut_off_before_the_lease_ends(
+    database_url: str, smtp: SmtpServer
+) -> None:
+    # Each step answers within the SMTP timeout, but the four of them take longer than the
+    # lease: a copy elsewhere could take the claim over and send the mail a second time.
+    lease = 1.0
+    smtp.slow_sessions, smtp.step_delay = 1, 0.4
+    event = CodeIssued.model_validate(crafted_event("161803"))
+    async with _deliverer(database_url, smtp, lease, smtp_timeout=0.8) as (deliverer, _):
+        first = asyncio.create_task(deliverer.attempt(event, 1, datetime.now(UTC)))
+        # The copy looks once the first attempt gave up, or once its claim has run out.
+        await asyncio.wait({first}, timeout=lease + 0.1)
+        second = await deliverer.attempt(event, 1, datetime.now(UTC))
+        outcome = await first
+    [mail] = smtp.mails
+    assert "161803" in mail.text
+    assert outcome == Retry("send_outlasted_claim_lease")
+    assert second == Delivered(1)
 
 
 async def test_a_claim_is_exclusive_until_its_lease_runs_out(database_url: str) -> None:

@@ -3,9 +3,10 @@
 The outcome tells the consumer what to publish; keeping the broker out of here keeps the
 ordering rules (remember, then publish, then ack) in one place, the consumer. Every attempt
 that may send first claims the event in the store (see ``store.py``), so two processes holding
-copies of one event never both send it. Once a transport accepted a message its claim is
-never released, even when recording the delivery fails: the lease then keeps copies off until
-it runs out.
+copies of one event never both send it. Two rules keep that true when things are slow or fail:
+a send is cut off before the claim's lease runs out (another process may take the claim over
+then), and once a transport accepted a message its claim is never released, even when
+recording the delivery fails (the lease then keeps copies off until it runs out).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from contracts.events import CodeIssued
 from worker.domain.sealing import InvalidToken, Sealer
@@ -31,6 +32,9 @@ from worker.notifier.transports import (
 
 log = get_logger(__name__)
 
+LEASE_MARGIN = 0.1
+"""The share of the claim lease a send may not use: it leaves time to record the delivery,
+and covers clocks of notifier hosts that disagree a little."""
 RECORD_TRIES = 3
 RECORD_BACKOFF_SECONDS = 0.1
 
@@ -105,9 +109,11 @@ class Deliverer:
         elif isinstance(claim, ClaimedElsewhere):
             outcome = Busy()
         else:
+            # The claim runs out ``lease`` after ``now``: the send must be over before then.
+            held = self._lease * (1 - LEASE_MARGIN) - _seconds_since(now)
             sent = False
             try:
-                outcome, seconds = await self._attempt_claimed(event, attempt, now)
+                outcome, seconds = await self._attempt_claimed(event, attempt, now, held)
                 sent = isinstance(outcome, Delivered)
                 if sent:
                     await self._record(event, token, attempt, now)
@@ -143,7 +149,7 @@ class Deliverer:
             return
 
     async def _attempt_claimed(
-        self, event: CodeIssued, attempt: int, now: datetime
+        self, event: CodeIssued, attempt: int, now: datetime, held: float
     ) -> tuple[Outcome, float | None]:
         """The outcome, and how long the transport took when it was asked at all."""
         tried = attempt - 1
@@ -157,7 +163,14 @@ class Deliverer:
             return Failed("unsealable", tried), None
         started = time.monotonic()
         try:
-            await self._send(event, event.destination, code, now)
+            bound = asyncio.timeout(held)
+            try:
+                async with bound:
+                    await self._send(event, event.destination, code, now)
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                raise TransientDeliveryError("send_outlasted_claim_lease") from None
         except TransientDeliveryError as exc:
             if attempt >= self._max_attempts:
                 return Failed(f"retries_exhausted: {exc.reason}", attempt), _since(started)
@@ -194,3 +207,7 @@ def _result_of(outcome: Outcome) -> str:
 
 def _since(started: float) -> float:
     return time.monotonic() - started
+
+
+def _seconds_since(moment: datetime) -> float:
+    return max(0.0, (datetime.now(UTC) - moment).total_seconds())
