@@ -239,6 +239,22 @@ async def test_a_command_that_breaks_the_parser_is_parked_redacted_and_named(
     assert "424242" not in json.dumps(lines)
 
 
+def park_failing_once(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
+    """Makes ``module.park`` fail its first call (the broker gone) and work after; returns
+    the list of calls, for the test to count."""
+    calls: list[str] = []
+    real_park = module.park
+
+    async def park_once_failing(*args: Any, **kwargs: Any) -> None:
+        calls.append("park")
+        if len(calls) == 1:
+            raise ConnectionError("broker gone")
+        await real_park(*args, **kwargs)
+
+    monkeypatch.setattr(module, "park", park_once_failing)
+    return calls
+
+
 async def test_a_rejection_that_cannot_be_parked_is_named_and_retried(
     amqp_url: str,
     start_worker: WorkerFactory,
@@ -247,16 +263,7 @@ async def test_a_rejection_that_cannot_be_parked_is_named_and_retried(
 ) -> None:
     from worker import consumer
 
-    calls: list[str] = []
-
-    async def park_once_failing(*args: Any, **kwargs: Any) -> None:
-        calls.append("park")
-        if len(calls) == 1:
-            raise ConnectionError("broker gone")
-        await real_park(*args, **kwargs)
-
-    real_park = consumer.park
-    monkeypatch.setattr(consumer, "park", park_once_failing)
+    calls = park_failing_once(monkeypatch, consumer)
     offset = audited_logs.stat().st_size
     await start_worker()
     async with producer(amqp_url) as otp:
@@ -336,16 +343,7 @@ async def test_an_undeliverable_command_that_cannot_be_parked_is_named(
 ) -> None:
     from worker import parking
 
-    calls: list[str] = []
-
-    async def park_once_failing(*args: Any, **kwargs: Any) -> None:
-        calls.append("park")
-        if len(calls) == 1:
-            raise ConnectionError("broker gone")
-        await real_park(*args, **kwargs)
-
-    real_park = parking.park
-    monkeypatch.setattr(parking, "park", park_once_failing)
+    calls = park_failing_once(monkeypatch, parking)
     await exhaust_delivery_limit(amqp_url, BAD_CONFIRMS["trailing comma"])
     offset = audited_logs.stat().st_size
     await start_worker()

@@ -154,6 +154,16 @@ async def test_a_lost_consumer_is_detected_and_restored(
     assert await worker.consuming()
 
 
+async def next_dead_letter(
+    channel: aio_pika.abc.AbstractChannel,
+) -> aio_pika.abc.AbstractIncomingMessage:
+    dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+    async with asyncio.timeout(20):
+        while (parked := await dead_letters.get(no_ack=True, fail=False)) is None:
+            await asyncio.sleep(0.05)
+    return parked
+
+
 async def test_a_lost_parking_consumer_is_detected_and_restored(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
@@ -172,10 +182,7 @@ async def test_a_lost_parking_consumer_is_detected_and_restored(
         await channel.default_exchange.publish(
             aio_pika.Message(b'{"command_id": "given-up"}'), routing_key=UNDELIVERABLE_QUEUE
         )
-        dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
-        async with asyncio.timeout(20):
-            while (parked := await dead_letters.get(no_ack=True, fail=False)) is None:
-                await asyncio.sleep(0.05)
+        parked = await next_dead_letter(channel)
     finally:
         await connection.close()
     assert parked.body == b'{"command_id": "given-up"}'
@@ -214,10 +221,7 @@ async def test_a_command_batchs_ack_never_settles_a_command_being_parked(
         async with producer(amqp_url) as otp:  # a batch is acked while the park waits
             assert (await otp.issue(user="meanwhile"))["status"] == "issued"
         gate.set()
-        dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
-        async with asyncio.timeout(20):
-            while (parked := await dead_letters.get(no_ack=True, fail=False)) is None:
-                await asyncio.sleep(0.05)
+        parked = await next_dead_letter(channel)
     finally:
         await connection.close()
     assert parked.body == b'{"command_id": "given-up"}'
