@@ -68,6 +68,10 @@ async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExcha
 
 async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
     queue = await channel.declare_queue(spec.name, durable=spec.durable, arguments=spec.arguments)
+    return await _bound(queue, spec)
+
+
+async def _bound(queue: AbstractQueue, spec: QueueSpec) -> AbstractQueue:
     for exchange, routing_key in spec.bindings:
         await queue.bind(exchange, routing_key)
     return queue
@@ -93,9 +97,7 @@ async def declare_queue_or_adopt(
     with contextlib.suppress(Exception):
         await channel.close()
     channel = await connection.channel(publisher_confirms=False)
-    queue = await channel.declare_queue(spec.name, passive=True)
-    for exchange, routing_key in spec.bindings:
-        await queue.bind(exchange, routing_key)
+    queue = await _bound(await channel.declare_queue(spec.name, passive=True), spec)
     log.warning(
         "queue exists with other arguments; using it as it is",
         queue=spec.name,

@@ -16,7 +16,7 @@ import asyncpg
 
 from worker.store.migrations import migrations
 from worker.store.postgres import TRANSIENT_ERRORS
-from worker.store.urls import path_of
+from worker.store.urls import backend_of, path_of
 
 
 class NotAnOtpStore(Exception):
@@ -33,9 +33,10 @@ class StoreProbe(Protocol):
 
 
 async def probe_store(url: str) -> StoreProbe:
-    if url.startswith("sqlite:"):
+    backend = backend_of(url)
+    if backend == "sqlite":
         return await SqliteProbe.open(url)
-    if url.startswith(("postgresql:", "postgres:")):
+    if backend == "postgresql":
         return await PostgresProbe.open(url)
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
 
