@@ -16,7 +16,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -95,18 +102,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
 
-    @field_validator("amqp_url")
+    @field_validator("amqp_url", "database_url")
     @classmethod
-    def _amqp_url_usable(cls, url: str) -> str:
-        problem = amqp_url_problem(url)
-        if problem:
-            raise PydanticCustomError("url", problem)
-        return url
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url_usable(cls, url: str) -> str:
-        problem = database_url_problem(url)
+    def _url_usable(cls, url: str, info: ValidationInfo) -> str:
+        check = amqp_url_problem if info.field_name == "amqp_url" else database_url_problem
+        problem = check(url)
         if problem:
             raise PydanticCustomError("url", problem)
         return url
