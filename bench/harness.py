@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import resource
 import secrets
@@ -393,6 +394,82 @@ class BrokerSide:
             if time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.2)
+
+
+PROBE_QUEUE = "bench.probe"
+PROBE_INTERVAL = 0.05
+"""Seconds between the side probe's round trips: often enough to see a stall of 50 ms,
+rare enough (20 messages a second) not to add to the load it watches."""
+
+
+class BrokerProbe:
+    """The broker's own stalls while a paced run measures latency.
+
+    One persistent message at a time goes through a quorum queue of its own, on a connection
+    of its own, every ``PROBE_INTERVAL``: the path every command takes on its way to a
+    consumer (a quorum queue writes each message to its log, and waits for the disk, before
+    it delivers it). A command delayed while the probe was too was delayed by the broker or
+    the host, not by the consumer under test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples: list[tuple[float, float]] = []
+        """(perf_counter at publish, round trip in ms), one per probe message."""
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._waiting: dict[str, asyncio.Future[float]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._connection = await aiormq.connect(
+            self.url, client_properties={"connection_name": "bench-probe"}
+        )
+        self._channel = await self._connection.channel()
+        await self._channel.queue_declare(
+            PROBE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await self._channel.queue_purge(PROBE_QUEUE)
+        await self._channel.basic_consume(PROBE_QUEUE, self._on_message)
+        self.samples = []
+        self._task = asyncio.create_task(self._run(), name="broker-probe")
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        now = time.perf_counter()
+        waiting = self._waiting.pop(message.header.properties.correlation_id or "", None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(now)
+        await message.channel.basic_ack(message.delivery.delivery_tag)
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        loop = asyncio.get_running_loop()
+        for number in itertools.count():
+            correlation_id = f"probe-{number}"
+            arrived = self._waiting[correlation_id] = loop.create_future()
+            sent = time.perf_counter()
+            await self._channel.basic_publish(
+                b"probe",
+                routing_key=PROBE_QUEUE,
+                properties=spec.Basic.Properties(correlation_id=correlation_id, delivery_mode=2),
+                wait=False,
+            )
+            try:
+                at = await asyncio.wait_for(arrived, 30)
+            except TimeoutError:
+                at = time.perf_counter()
+            self.samples.append((sent, (at - sent) * 1000))
+            await asyncio.sleep(max(0.0, sent + PROBE_INTERVAL - time.perf_counter()))
+
+    async def stop(self) -> list[tuple[float, float]]:
+        """Ends the probe and returns its samples."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()  # the queue goes with the bench's vhost
+        return self.samples
 
 
 async def wait_replies(

@@ -23,6 +23,7 @@ from bench.harness import (
     EVENTS_QUEUE,
     ROOT,
     BenchError,
+    BrokerProbe,
     BrokerSide,
     Outgoing,
     Proc,
@@ -416,8 +417,10 @@ class Bench:
         await broker.ensure_idle()
         proc.start()
         sent: dict[str, float] = {}
+        probe = BrokerProbe(self.amqp_url)
         try:
             await broker.wait_consuming(proc)
+            await probe.start()
             replies.reset(prefix, total)
             self.log(f"  {label}: offering {rate:,.0f} commands/s for {seconds:g} s to {proc.name}")
             beam = broker_pid()
@@ -434,6 +437,7 @@ class Bench:
             cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
             span = time.perf_counter() - start
         finally:
+            probed = await probe.stop()
             exit_code = await proc.stop()
         cpu = {
             f"{who}_cpu_share": _share(end - begin, span)
@@ -454,6 +458,8 @@ class Bench:
         windows: dict[int, list[float]] = {}
         for at, ms in timed:
             windows.setdefault(int((at - warmup) // LATENCY_WINDOW), []).append(ms)
+        # The broker's own round trips over the measured span (after the warm-up).
+        round_trips = sorted(ms for at, ms in probed if at - start >= warmup)
         statuses = Counter(orjson.loads(body).get("status", "?") for body in replies.bodies)
         figures = {
             "offered_rate": round(total / offered_for, 1),
@@ -474,6 +480,7 @@ class Bench:
             ],
             "statuses": dict(statuses),
             "exit_code": exit_code,
+            "probe": _probe_figures(round_trips),
             **cpu,
         }
         shares = ", ".join(
@@ -484,7 +491,7 @@ class Bench:
         self.log(
             f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"max {figures['max_ms']:.1f} ms; p99 by {LATENCY_WINDOW:g} s window "
-            f"{figures['p99_by_window_ms']}; CPU {shares}"
+            f"{figures['p99_by_window_ms']}; CPU {shares}; {_probe_text(figures['probe'])}"
         )
         return figures
 
@@ -511,6 +518,7 @@ class Bench:
             f"raw consumer at the same load: p50 {raw['p50_ms']:.1f} ms, "
             f"p99 {raw['p99_ms']:.1f} ms",
             f"{figures['measured']} replies after {warmup:g} s warm-up",
+            f"{_probe_text(figures['probe'])} (raw run: {_probe_text(raw['probe'])})",
         ]
         result.data = {**figures, "ceiling": raw}
         if figures["statuses"] != {"issued": figures["commands"]}:
@@ -679,6 +687,27 @@ class Bench:
         result.notes.append(drained.summary())
         result.problems.extend(drained.problems)
         result.data.update(drained.as_data())
+
+
+def _probe_figures(round_trips: Sequence[float]) -> dict[str, Any]:
+    if not round_trips:
+        return {"samples": 0}
+    return {
+        "samples": len(round_trips),
+        "p50_ms": round(percentile(round_trips, 0.50), 2),
+        "p99_ms": round(percentile(round_trips, 0.99), 2),
+        "max_ms": round(max(round_trips), 2),
+        "over_50_ms": sum(1 for ms in round_trips if ms > 50.0),
+    }
+
+
+def _probe_text(probe: dict[str, Any]) -> str:
+    if not probe["samples"]:
+        return "broker probe: no round trip"
+    return (
+        f"broker probe {probe['samples']} round trips: p50 {probe['p50_ms']:.1f} ms, "
+        f"max {probe['max_ms']:.1f} ms, {probe['over_50_ms']} over 50 ms"
+    )
 
 
 def _share(seconds: float | None, span: float) -> float | None:

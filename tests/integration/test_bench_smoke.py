@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,12 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     worker_line = next(line for line in out.splitlines() if "  lat: p50" in line)
     assert "p99 by 5 s window [" in worker_line
     assert "CPU consumer" in worker_line and "bench" in worker_line
+    # The side probe's round trips through the broker ran alongside, one every 50 ms.
+    probe = re.search(r"broker probe (\d+) round trips: p50 [\d.]+ ms, max [\d.]+ ms", worker_line)
+    assert probe is not None, worker_line
+    assert int(probe.group(1)) >= 20
+    row = next(line for line in out.splitlines() if line.startswith("latency "))
+    assert "(raw run: broker probe " in row
 
 
 def test_quick_rss_run_reports_the_warm_and_final_sizes() -> None:
