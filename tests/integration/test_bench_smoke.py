@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -45,6 +46,30 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     assert int(probe.group(1)) >= 20
     row = next(line for line in out.splitlines() if line.startswith("latency "))
     assert "(raw run: broker probe " in row
+
+
+def test_disk_probe_prints_how_long_syncs_took(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.disk", "--dir", str(tmp_path), "--rate", "100",
+         "--seconds", "0.3", "--size", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r"30 fdatasync of 4 KiB at 100/s: p50 [\d.]+ ms, p99 [\d.]+ ms, p99\.9 [\d.]+ ms, "
+        r"max [\d.]+ ms, \d+ over 50 ms\n",
+        result.stdout,
+    ), result.stdout
+    assert list(tmp_path.iterdir()) == []  # its scratch file is gone
+
+
+def test_disk_probe_refuses_a_rate_of_zero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.disk", "--rate", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "must be positive" in result.stderr
 
 
 def test_quick_rss_run_reports_the_warm_and_final_sizes() -> None:
