@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     confirm = sub.add_parser("confirm", parents=[common], help="confirm a code")
     _scope(confirm)
-    confirm.add_argument("--code", required=True)
+    confirm.add_argument(
+        "--code",
+        required=True,
+        help="the code, or - to read it from stdin (an argument shows in the process list)",
+    )
     confirm.set_defaults(handler=commands.confirm)
 
     events = sub.add_parser("events", parents=[common], help="print events as they happen")

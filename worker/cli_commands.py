@@ -89,12 +89,14 @@ async def issue(args: argparse.Namespace) -> int:
 
 
 async def confirm(args: argparse.Namespace) -> int:
+    # "-": the first line of stdin, so the candidate is not in argv for `ps` to show.
+    code = sys.stdin.readline().strip() if args.code == "-" else args.code
     command = ConfirmCode(
         command_id=str(uuid.uuid4()),
         user=args.user,
         client=args.client,
         purpose=args.purpose,
-        code=args.code,
+        code=code,
     )
     async with OtpClient.connect(_amqp_url(args), timeout=args.timeout) as otp:
         reply = await otp.call(CONFIRM_ROUTING_KEY, command, ConfirmResult, retries=args.retries)

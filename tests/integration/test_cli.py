@@ -53,7 +53,7 @@ def cli_env(amqp_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-async def otp(*args: str, env: dict[str, str], cwd: Path) -> Run:
+async def otp(*args: str, env: dict[str, str], cwd: Path, stdin: str | None = None) -> Run:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,10 +61,12 @@ async def otp(*args: str, env: dict[str, str], cwd: Path) -> Run:
         *args,
         env=env,
         cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    given = stdin.encode() if stdin is not None else None
+    out, err = await asyncio.wait_for(process.communicate(given), 60)
     assert process.returncode is not None
     return Run(process.returncode, out.decode(), err.decode())
 
@@ -97,7 +99,12 @@ async def test_issue_and_confirm(
     assert reply["status"] == "issued"
     assert reply["code"].isdigit()
 
-    confirmed = await otp("confirm", *scope, "--code", reply["code"], env=env, cwd=tmp_path)
+    # "--code -" reads it from stdin, out of the process list; --code VALUE is used below.
+    nothing = await otp("confirm", *scope, "--code", "-", env=env, cwd=tmp_path, stdin="")
+    assert_one_error_line(nothing, 2, "otp: invalid command: code")
+    confirmed = await otp(
+        "confirm", *scope, "--code", "-", env=env, cwd=tmp_path, stdin=f"{reply['code']}\n"
+    )
     assert confirmed.rc == 0, confirmed
     assert confirmed.out.startswith("confirmed command_id=")
     assert f"code_id={reply['code_id']}" in confirmed.out
