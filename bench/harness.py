@@ -415,6 +415,9 @@ class BrokerProbe:
         self.url = url
         self.samples: list[tuple[float, float]] = []
         """(perf_counter at publish, round trip in ms), one per probe message."""
+        self.error: BaseException | None = None
+        """What ended the probe early (its connection broke), if anything did."""
+        self.ended = asyncio.Event()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._waiting: dict[str, asyncio.Future[float]] = {}
@@ -430,7 +433,8 @@ class BrokerProbe:
         )
         await self._channel.queue_purge(PROBE_QUEUE)
         await self._channel.basic_consume(PROBE_QUEUE, self._on_message)
-        self.samples = []
+        self.samples, self.error = [], None
+        self.ended.clear()
         self._task = asyncio.create_task(self._run(), name="broker-probe")
 
     async def _on_message(self, message: DeliveredMessage) -> None:
@@ -442,30 +446,36 @@ class BrokerProbe:
 
     async def _run(self) -> None:
         assert self._channel is not None
-        loop = asyncio.get_running_loop()
-        for number in itertools.count():
-            correlation_id = f"probe-{number}"
-            arrived = self._waiting[correlation_id] = loop.create_future()
-            sent = time.perf_counter()
-            await self._channel.basic_publish(
-                b"probe",
-                routing_key=PROBE_QUEUE,
-                properties=spec.Basic.Properties(correlation_id=correlation_id, delivery_mode=2),
-                wait=False,
-            )
-            try:
-                at = await asyncio.wait_for(arrived, 30)
-            except TimeoutError:
-                at = time.perf_counter()
-            self.samples.append((sent, (at - sent) * 1000))
-            await asyncio.sleep(max(0.0, sent + PROBE_INTERVAL - time.perf_counter()))
+        try:
+            for number in itertools.count():
+                correlation_id = f"probe-{number}"
+                # The channel's own future: failed by aiormq as soon as the connection breaks.
+                arrived = self._waiting[correlation_id] = self._channel.create_future()
+                sent = time.perf_counter()
+                await self._channel.basic_publish(
+                    b"probe",
+                    routing_key=PROBE_QUEUE,
+                    properties=spec.Basic.Properties(
+                        correlation_id=correlation_id, delivery_mode=2
+                    ),
+                    wait=False,
+                )
+                try:
+                    at = await asyncio.wait_for(arrived, 30)
+                except TimeoutError:
+                    at = time.perf_counter()
+                self.samples.append((sent, (at - sent) * 1000))
+                await asyncio.sleep(max(0.0, sent + PROBE_INTERVAL - time.perf_counter()))
+        except Exception as exc:  # its connection broke: the samples so far still stand
+            self.error = exc
+        finally:
+            self.ended.set()
 
     async def stop(self) -> list[tuple[float, float]]:
-        """Ends the probe and returns its samples (fewer than expected, and no failure of the
-        run, if its connection broke: the line prints how many round trips it made)."""
+        """Ends the probe and returns its samples."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._connection is not None:
             with contextlib.suppress(Exception):

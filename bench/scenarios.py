@@ -480,7 +480,7 @@ class Bench:
             ],
             "statuses": dict(statuses),
             "exit_code": exit_code,
-            "probe": _probe_figures(round_trips),
+            "probe": probe_figures(round_trips, probe.error),
             **cpu,
         }
         shares = ", ".join(
@@ -491,7 +491,7 @@ class Bench:
         self.log(
             f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"max {figures['max_ms']:.1f} ms; p99 by {LATENCY_WINDOW:g} s window "
-            f"{figures['p99_by_window_ms']}; CPU {shares}; {_probe_text(figures['probe'])}"
+            f"{figures['p99_by_window_ms']}; CPU {shares}; {probe_text(figures['probe'])}"
         )
         return figures
 
@@ -518,7 +518,7 @@ class Bench:
             f"raw consumer at the same load: p50 {raw['p50_ms']:.1f} ms, "
             f"p99 {raw['p99_ms']:.1f} ms",
             f"{figures['measured']} replies after {warmup:g} s warm-up",
-            f"{_probe_text(figures['probe'])} (raw run: {_probe_text(raw['probe'])})",
+            f"{probe_text(figures['probe'])} (raw run: {probe_text(raw['probe'])})",
         ]
         result.data = {**figures, "ceiling": raw}
         if figures["statuses"] != {"issued": figures["commands"]}:
@@ -689,10 +689,12 @@ class Bench:
         result.data.update(drained.as_data())
 
 
-def _probe_figures(round_trips: Sequence[float]) -> dict[str, Any]:
+def probe_figures(round_trips: Sequence[float], error: BaseException | None) -> dict[str, Any]:
+    broke = {"broke": repr(error)} if error is not None else {}
     if not round_trips:
-        return {"samples": 0}
+        return {"samples": 0, **broke}
     return {
+        **broke,
         "samples": len(round_trips),
         "p50_ms": round(percentile(round_trips, 0.50), 2),
         "p99_ms": round(percentile(round_trips, 0.99), 2),
@@ -701,12 +703,13 @@ def _probe_figures(round_trips: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _probe_text(probe: dict[str, Any]) -> str:
+def probe_text(probe: dict[str, Any]) -> str:
+    broke = f" (its connection broke: {probe['broke']})" if "broke" in probe else ""
     if not probe["samples"]:
-        return "broker probe: no round trip"
+        return f"broker probe: no round trip{broke}"
     return (
         f"broker probe {probe['samples']} round trips: p50 {probe['p50_ms']:.1f} ms, "
-        f"max {probe['max_ms']:.1f} ms, {probe['over_50_ms']} over 50 ms"
+        f"max {probe['max_ms']:.1f} ms, {probe['over_50_ms']} over 50 ms{broke}"
     )
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.harness import BrokerProbe
+from bench.scenarios import probe_figures, probe_text
+from tests.proxy import proxied
 from tests.support import ROOT
 
 
@@ -46,6 +50,19 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     assert int(probe.group(1)) >= 20
     row = next(line for line in out.splitlines() if line.startswith("latency "))
     assert "(raw run: broker probe " in row
+
+
+async def test_broker_probe_ends_at_once_when_its_connection_breaks(amqp_url: str) -> None:
+    async with proxied(amqp_url) as (proxy, url):
+        probe = BrokerProbe(url)
+        await probe.start()
+        await proxy.cut()
+        # At once, not after the 30 s a lost round trip would otherwise be given.
+        await asyncio.wait_for(probe.ended.wait(), 10)
+        samples = await probe.stop()
+    assert probe.error is not None
+    text = probe_text(probe_figures([ms for _, ms in samples], probe.error))
+    assert text.startswith("broker probe") and "(its connection broke: " in text
 
 
 def test_disk_probe_prints_how_long_syncs_took(tmp_path: Path) -> None:
