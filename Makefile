@@ -14,13 +14,13 @@ $(STAMP): pyproject.toml
 
 ## run: the worker and the notifier in dev mode (SQLite in var/, keys generated into var/)
 run: $(STAMP)
-	@$(PY) scripts/ensure_broker.py
+	@$(PY) scripts/ensure_broker.py OTP_AMQP_URL
 	@mkdir -p var
 	@OTP_DEV=$${OTP_DEV:-true} bash scripts/run_dev.sh $(PY)
 
 ## test: ruff, mypy and the whole pytest suite against the machine's RabbitMQ
 test: $(STAMP)
-	@$(PY) scripts/ensure_broker.py
+	@$(PY) scripts/ensure_broker.py OTP_TEST_AMQP_BASE
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -36,7 +36,7 @@ unit: $(STAMP)
 
 ## bench: throughput, latency and memory against a bare aio-pika consumer
 bench: $(STAMP)
-	@$(PY) scripts/ensure_broker.py
+	@$(PY) scripts/ensure_broker.py OTP_BENCH_AMQP_BASE
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -2,6 +2,11 @@
 
 Starts the machine's rabbitmq-server when it is installed but stopped; otherwise fails with
 one clear line instead of a wall of connection errors later.
+
+``ensure_broker.py [VARIABLE]`` checks the broker named by the environment variable the
+caller itself reads (``OTP_TEST_AMQP_BASE`` for the tests, ``OTP_BENCH_AMQP_BASE`` for the
+benchmark; ``OTP_AMQP_URL`` by default, as the service reads it), so the broker checked is
+the one that will be used, and the line says which variable to set.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-def main() -> int:
-    url = os.environ.get("OTP_TEST_AMQP_URL") or os.environ.get("OTP_AMQP_URL") or DEFAULT_URL
+def main(argv: list[str]) -> int:
+    variable = argv[0] if argv else "OTP_AMQP_URL"
+    url = os.environ.get(variable) or DEFAULT_URL
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 5672
     if reachable(host, port):
@@ -45,12 +51,11 @@ def main() -> int:
                 return 0
             time.sleep(0.5)
     print(
-        f"error: no RabbitMQ broker reachable at {host}:{port} "
-        "(start one, or set OTP_TEST_AMQP_URL)",
+        f"error: no RabbitMQ broker reachable at {host}:{port} (start one, or set {variable})",
         file=sys.stderr,
     )
     return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

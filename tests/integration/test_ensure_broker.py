@@ -1,0 +1,47 @@
+"""``scripts/ensure_broker.py``: the broker its caller will use answers, or one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.support import BROKER, ROOT
+
+UNREACHABLE = "amqp://guest:guest@192.0.2.1:5672"
+"""TEST-NET-1: never answers, and not local, so the script does not try to start a broker."""
+
+
+def ensure_broker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ensure_broker.py"), *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_broker_the_tests_use_answers_quietly() -> None:
+    result = ensure_broker("OTP_TEST_AMQP_BASE", OTP_TEST_AMQP_BASE=BROKER)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_an_unreachable_broker_is_one_line_naming_the_variable_to_set() -> None:
+    result = ensure_broker("OTP_TEST_AMQP_BASE", OTP_TEST_AMQP_BASE=UNREACHABLE)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: no RabbitMQ broker reachable at 192.0.2.1:5672 "
+        "(start one, or set OTP_TEST_AMQP_BASE)\n"
+    )
+
+
+def test_it_checks_the_variable_it_is_given_not_the_service_url() -> None:
+    # The tests read OTP_TEST_AMQP_BASE: a service URL elsewhere must not decide for them.
+    tests = ensure_broker("OTP_TEST_AMQP_BASE", OTP_AMQP_URL=UNREACHABLE)
+    assert tests.returncode == 0, tests.stderr
+    service = ensure_broker(OTP_AMQP_URL=UNREACHABLE)
+    assert service.returncode == 1
+    assert "(start one, or set OTP_AMQP_URL)" in service.stderr
