@@ -394,6 +394,23 @@ def test_a_postgres_refusal_is_one_line(module: str, url: str, tmp_path: Path) -
     assert len(lines) == 1 and "PostgreSQL refused the connection" in lines[0], lines
 
 
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+@pytest.mark.parametrize("kind", ["a directory", "not a database"])
+def test_a_sqlite_file_that_cannot_be_used_is_one_line(
+    module: str, kind: str, tmp_path: Path
+) -> None:
+    target = tmp_path / "otp.db"
+    if kind == "a directory":
+        target.mkdir()
+    else:
+        target.write_bytes(b"these are not the pages of a SQLite database\n" * 200)
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{target}", tmp_path)
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert "cannot open the store: SQLite cannot " in lines[0] and str(target) in lines[0]
+
+
 async def test_a_queue_declared_with_other_arguments_stops_the_worker_in_one_line(
     amqp_url: str, tmp_path: Path
 ) -> None:

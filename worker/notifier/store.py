@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from worker.store.sqlite import retry_locked
+from worker.store.sqlite import open_wal, retry_locked
 from worker.store.sqlite_transaction import rollback_if_open, run_in_thread
 from worker.store.urls import backend_of, path_of
 
@@ -152,12 +152,8 @@ class SqliteDeliveryStore:
     async def open(cls, url: str) -> SqliteDeliveryStore:
         path = Path(path_of(url))
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = await open_wal(path, busy_ms=10_000)
         try:
-            await db.execute("PRAGMA busy_timeout = 10000")
-            # Processes opening a new file together (replicas starting at once) are refused
-            # these locks without the busy handler being asked: retried, like the worker's.
-            await retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
             await db.execute("PRAGMA synchronous = NORMAL")
             await retry_locked(lambda: run_in_thread(db, _create_schema))
         except BaseException:

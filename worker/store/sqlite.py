@@ -21,6 +21,7 @@ from worker.log import get_logger
 from worker.store.base import (
     OutboxEvent,
     OutboxRow,
+    StoreRefused,
     SweepResult,
     TransientStoreError,
 )
@@ -77,14 +78,12 @@ class SqliteStore:
         path = path_of(url)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None, timeout=30.0)
+        db = await open_wal(path, busy_ms=30_000, timeout=30.0)
         try:
-            await db.execute("PRAGMA busy_timeout=30000")
             # The page cache is a bound on memory, filled as the database grows; beyond the
             # default 2 MiB it bought no throughput with a million codes stored (README).
             await db.execute(f"PRAGMA cache_size={-1024 * int(cache_mib)}")
             store = cls(db, outbox_lease_seconds)
-            await retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             await db.execute(f"PRAGMA synchronous={synchronous}")
             await retry_locked(store._migrate)
         except BaseException:
@@ -244,6 +243,28 @@ class SqliteStore:
             await self._flush_forgotten()
         finally:
             await self._db.close()
+
+
+async def open_wal(path: str | Path, *, busy_ms: int, timeout: float = 5.0) -> aiosqlite.Connection:
+    """A connection to ``path`` in WAL mode, with a busy handler of ``busy_ms``.
+
+    A path SQLite cannot open, or a file that is not a SQLite database, raises
+    ``StoreRefused``: no retry mends it, and at start it is one line, not a traceback."""
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=timeout)
+    except sqlite3.Error as exc:
+        raise StoreRefused(f"SQLite cannot open {path}: {exc}") from exc
+    try:
+        await db.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        # Processes opening a new file together (replicas starting at once) are refused the
+        # locks this needs without the busy handler being asked: retried.
+        await retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+    except BaseException as exc:
+        await db.close()  # an open connection's thread would keep the process from exiting
+        if isinstance(exc, sqlite3.DatabaseError) and not is_transient(exc):
+            raise StoreRefused(f"SQLite cannot use {path}: {exc}") from exc
+        raise
+    return db
 
 
 async def retry_locked(step: Callable[[], Awaitable[object]], attempts: int = 40) -> None:
