@@ -101,7 +101,9 @@ class ConsumerWatchdog:
         self._task = asyncio.create_task(self._watch(), name=f"watchdog-{self.queue.name}")
 
     async def consuming(self) -> bool:
-        """True when our consumer is registered on a live channel and the broker counts it."""
+        """True when our consumer is registered on a live channel and the broker counts a
+        consumer on the queue (AMQP tells how many, not whose: with several replicas
+        another's counts too; the channel's own registry is what speaks for ours)."""
         if self.tag is None or self._connection.is_closed or self.queue.channel.is_closed:
             return False
         try:
