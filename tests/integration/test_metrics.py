@@ -42,8 +42,12 @@ async def get(port: int, path: str) -> int:
         return (await client.get(f"http://127.0.0.1:{port}{path}")).status_code
 
 
-def count(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+def count(samples: Samples, name: str, *, default: float | None = None, **labels: str) -> float:
+    """A series' value. A series that is not there fails the test, so a renamed or unexported
+    metric cannot pass for a zero; ``default`` is for polling before a labelled series exists."""
+    value = samples.get((name, frozenset(labels.items())), default)
+    assert value is not None, f"no series {name}{labels or ''} in the scrape"
+    return value
 
 
 async def start(start_worker: WorkerFactory, **overrides: object) -> tuple[Worker, int]:
@@ -67,7 +71,7 @@ async def test_commands_are_counted_by_type_and_status(
         assert (await otp.call("code.issue", b"{"))["status"] == "rejected"
 
     def recorded(s: Samples) -> bool:
-        return count(s, "otp_command_duration_seconds_count", command="issue") == 3
+        return count(s, "otp_command_duration_seconds_count", default=0, command="issue") == 3
 
     samples = await scrape_until(port, recorded)
     total = "otp_commands_total"

@@ -33,7 +33,9 @@ async def test_deliveries_are_counted_by_channel_and_result(
         )
     samples = await scrape_until(
         port,
-        lambda s: count(s, "otp_deliveries_total", channel="email", result="delivered") == 1,
+        lambda s: (
+            count(s, "otp_deliveries_total", default=0, channel="email", result="delivered") == 1
+        ),
     )
     assert count(samples, "otp_deliveries_total", channel="email", result="retried") == 1
     assert count(samples, "otp_deliveries_total", channel="email", result="expired") == 1
