@@ -29,7 +29,7 @@ from tests.integration.notifier_support import (
 from tests.proxy import proxied
 from tests.support import event_log, producer, start_process, worker_env
 from worker.amqp import declare_exchanges, declare_queue
-from worker.notifier.retry import NOTIFIER_QUEUE_SPEC
+from worker.notifier.retry import NOTIFIER_QUEUE_SPEC, delay_ms, retry_queue_name
 
 
 def assert_no_code_logged(logs: list[dict[str, Any]], codes: list[str]) -> None:
@@ -114,7 +114,7 @@ async def test_transient_smtp_failures_are_retried_from_the_broker(
     amqp_url: str, start_worker: WorkerFactory, start_notifier: NotifierFactory, smtp: SmtpServer
 ) -> None:
     smtp.answers = ["451 4.3.0 busy", "451 4.3.0 still busy"]
-    await start_notifier()
+    notifier = await start_notifier()
     await start_worker(reveal_clients="test-app")
     with capture_logs() as logs:
         async with producer(amqp_url) as otp, event_log(amqp_url) as events:
@@ -122,6 +122,12 @@ async def test_transient_smtp_failures_are_retried_from_the_broker(
                 user="erin", reveal=True, channel="email", destination="erin@example.org"
             )
             await events.wait_for(lambda e: e.named("code.delivered"))
+            # Times out if the retries happened in-process, on the first delivery.
+            await notifier.wait_handled(3)
+    # One handling per delivery from the broker: the first, and one back from each tier.
+    assert notifier.handled == 3
+    parked = [e["queue"] for e in logs if e["event"] == "delivery will be retried"]
+    assert parked == [retry_queue_name(delay_ms(n, BACKOFF)) for n in (1, 2)]
     assert len(smtp.mails) == 1
     assert issued["code"] in smtp.mails[0].text
     assert smtp.answers == []
