@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import aio_pika
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from contracts.topology import DEAD_LETTER_QUEUE, ERROR_TYPE_HEADER
+from contracts.topology import DEAD_LETTER_QUEUE, ERROR_TYPE_HEADER, REDACTED_HEADER
 from tests.conftest import WorkerFactory
 from tests.support import producer
 
@@ -18,14 +19,24 @@ QUORUM = {"x-queue-type": "quorum"}
 async def test_a_foreign_client_declares_it_as_the_contract_names_it(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
-    """A plain durable declare, as an acceptance suite written from the contract would do."""
+    """A plain durable declare, as an acceptance suite written from the contract would do,
+    matches the worker's queue, and finds in it what the worker dead-letters."""
     await start_worker()
+    body = {"command_id": "dl-foreign", "user": "u", "client": "c", "code": "424242", "x": 1}
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
-        await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        # Passive first: the worker declared it, not the plain declare below.
+        await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        async with producer(amqp_url) as otp:
+            assert (await otp.call("code.confirm", body))["status"] == "rejected"
+        dead = await queue.get(no_ack=True, timeout=5)
     finally:
         await connection.close()
+    assert orjson.loads(dead.body) == {**body, "code": "[redacted]"}
+    assert dead.headers[REDACTED_HEADER] == "code"
+    assert dead.headers[ERROR_TYPE_HEADER] == "validation_error"
 
 
 @pytest.mark.parametrize("arguments", [QUORUM, {}], ids=["quorum", "plain"])
