@@ -299,6 +299,23 @@ async def test_stores_opening_together_migrate_once(database_url: str) -> None:
     finally:
         for s in stores:
             await s.close()
+    backend = backend_of(database_url)
+    assert backend is not None
+    versions = [version for version, _ in migrations(backend)]
+    if backend == "sqlite":
+        conn = sqlite3.connect(path_of(database_url))
+        try:
+            [(user_version,)] = conn.execute("PRAGMA user_version").fetchall()
+        finally:
+            conn.close()
+        assert user_version == versions[-1]
+    else:
+        pg = await asyncpg.connect(database_url)
+        try:
+            rows = await pg.fetch("SELECT version FROM schema_version ORDER BY version")
+        finally:
+            await pg.close()
+        assert [row["version"] for row in rows] == versions, "each migration recorded once"
 
 
 async def test_replies_stored_before_fingerprints_load_without_one(database_url: str) -> None:
