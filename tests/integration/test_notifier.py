@@ -141,10 +141,13 @@ async def test_retries_run_out(
     amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
 ) -> None:
     smtp.answers = ["421 4.7.0 go away"] * MAX_ATTEMPTS
-    await start_notifier()
+    notifier = await start_notifier()
     async with event_log(amqp_url) as events:
         await publish_event(amqp_url, crafted_event("123456"))
         await events.wait_for(lambda e: e.named("code.delivery_failed"))
+        await notifier.wait_handled(MAX_ATTEMPTS)
+    # Every attempt was a delivery from the broker: back from a delay queue each time.
+    assert notifier.handled == MAX_ATTEMPTS
     failed = events.named("code.delivery_failed")[0]
     assert failed["attempts"] == MAX_ATTEMPTS
     assert failed["reason"].startswith("retries_exhausted")

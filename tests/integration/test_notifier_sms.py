@@ -40,10 +40,12 @@ async def test_a_gateway_that_stalls_past_the_timeout_is_retried(
     amqp_url: str, start_notifier: NotifierFactory, gateway: Gateway
 ) -> None:
     gateway.stalls = 1
-    await start_notifier(sms_gateway_url=gateway.url, sms_timeout_seconds=0.3)
+    notifier = await start_notifier(sms_gateway_url=gateway.url, sms_timeout_seconds=0.3)
     async with event_log(amqp_url) as events:
         await publish_event(amqp_url, crafted_event("161803", channel="sms", destination="+49152"))
         await events.wait_for(settled)
+        await notifier.wait_handled(2)
+    assert notifier.handled == 2, "the retry came back from a delay queue"
     assert not events.named("code.delivery_failed")
     [delivered] = events.named("code.delivered")
     assert delivered["attempts"] == 2
