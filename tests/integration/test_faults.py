@@ -22,6 +22,7 @@ from contracts.topology import (
     UNDELIVERABLE_QUEUE,
 )
 from tests.conftest import WorkerFactory
+from tests.integration.test_client import channel_on, declare_topology, queued_commands
 from tests.proxy import proxied
 from tests.support import (
     Producer,
@@ -31,6 +32,9 @@ from tests.support import (
     producer,
     worker_env,
 )
+from worker.amqp import declare_queue
+from worker.notifier.retry import NOTIFIER_QUEUE_SPEC
+from worker.store import open_store
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
@@ -53,70 +57,123 @@ def replies_by_command(otp: Producer) -> dict[str, list[dict[str, Any]]]:
     return seen
 
 
-async def publish_issues(
-    otp: Producer, count: int, prefix: str
+def issue_command(command_id: str) -> dict[str, Any]:
+    return {
+        "command_id": command_id,
+        "user": f"user-of-{command_id}",
+        "client": "test-app",
+        "channel": "none",
+        "reveal": True,
+    }
+
+
+def confirm_unknown_code(command_id: str) -> dict[str, Any]:
+    """A confirm that finds no code: answered ``not_found``, with no event to publish."""
+    return {
+        "command_id": command_id,
+        "user": f"user-of-{command_id}",
+        "client": "test-app",
+        "code": "000000",
+    }
+
+
+def issue_commands(prefix: str, count: int) -> dict[str, dict[str, Any]]:
+    return {f"{prefix}-{i}": issue_command(f"{prefix}-{i}") for i in range(count)}
+
+
+async def publish_all(
+    otp: Producer, commands: list[dict[str, Any]]
 ) -> list[asyncio.Future[dict[str, Any]]]:
-    return [
-        await otp.send(
-            "code.issue",
-            {
-                "command_id": f"{prefix}-{i}",
-                "user": f"{prefix}-user-{i}",
-                "client": "test-app",
-                "channel": "none",
-                "reveal": True,
-            },
-        )
-        for i in range(count)
-    ]
+    """All at once, not one publisher confirm after another: the burst is still arriving when
+    the victim dies, so it dies holding deliveries."""
+    return await asyncio.gather(*(otp.send("code.issue", c) for c in commands))
+
+
+def reply_bodies(otp: Producer) -> dict[str, list[bytes]]:
+    """Every reply's bytes, by command_id, in the order they came."""
+    seen: dict[str, list[bytes]] = {}
+    for message in otp.reply_messages:
+        seen.setdefault(orjson.loads(message.body)["command_id"], []).append(message.body)
+    return seen
+
+
+async def assert_resent_commands_get_the_same_replies(
+    otp: Producer, sent: dict[str, dict[str, Any]], answered: set[str]
+) -> None:
+    """Sends ``answered`` commands again, same command_id and body, as a client retrying
+    would: each must get its first reply again, byte for byte, and change nothing."""
+    assert answered, "no command was answered before the fault"
+    first = {c: bodies[0] for c, bodies in reply_bodies(otp).items() if c in answered}
+    again = await asyncio.gather(*(otp.send("code.issue", sent[c]) for c in sorted(answered)))
+    await asyncio.wait_for(asyncio.gather(*again), 30)
+    for command_id, bodies in reply_bodies(otp).items():
+        if command_id in answered:
+            assert len(bodies) >= 2, f"{command_id} was not answered again"
+            assert set(bodies) == {first[command_id]}, f"{command_id} answered differently"
 
 
 async def test_sigkill_mid_burst_loses_nothing_and_changes_no_reply(
     amqp_url: str, database_url: str, tmp_path: Path, spawn: Spawn
 ) -> None:
+    """The burst is published at once, so the kill lands with deliveries held and a third of
+    it answered; the worker started after it answers the rest, and a command answered before
+    the kill, sent again, gets that answer again, byte for byte."""
     total = 1500
     env = worker_env(amqp_url, database_url, tmp_path / "var", OTP_REVEAL_CLIENTS="test-app")
     first = spawn("worker", env, "worker-1.log")
     async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
         await wait_until(lambda: "worker consuming" in (tmp_path / "worker-1.log").read_text())
-        futures = await publish_issues(otp, total, "crash")
+        sent = issue_commands("crash", total)
+        publishing = asyncio.create_task(publish_all(otp, list(sent.values())))
         await wait_until(lambda: len(otp.reply_messages) >= total // 3, timeout=60)
         first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        answered_before = len(otp.reply_messages)
-        assert answered_before < total, "the kill came too late to test anything"
+        assert len(otp.reply_messages) < total, "the kill came too late to test anything"
+        await asyncio.to_thread(first.wait, 10)
+        answered_before = set(replies_by_command(otp))
+        futures = await publishing
         spawn("worker", env, "worker-2.log")
         await asyncio.wait_for(asyncio.gather(*futures), 90)
 
         replies = replies_by_command(otp)
-        assert set(replies) == {f"crash-{i}" for i in range(total)}
+        assert set(replies) == set(sent)
         for command_id, bodies in replies.items():
             assert all(b == bodies[0] for b in bodies), f"{command_id} got different replies"
             assert bodies[0]["status"] == "issued"
         code_ids = {bodies[0]["code_id"] for bodies in replies.values()}
         assert len(code_ids) == total
+        # Whether the kill caught a committed batch unacked is luck; what a client retrying
+        # a command the dead worker answered gets is not: that answer, from the stored reply.
+        await assert_resent_commands_get_the_same_replies(otp, sent, answered_before)
         await events.wait_for(lambda e: code_ids <= {b["code_id"] for b in e.bodies}, timeout=60)
 
 
 async def test_cut_connection_mid_burst_resumes_without_restart(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
+    """Cut a third of the way through a burst, the worker reconnects by itself and answers
+    the rest; a command answered before the cut, sent again, gets that answer again."""
     total = 600
     async with proxied(amqp_url, reconnect_interval=0.5) as (proxy, url):
         worker = await start_worker(amqp_url=url, reveal_clients="test-app")
         async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
-            futures = await publish_issues(otp, total, "cut")
+            sent = issue_commands("cut", total)
+            publishing = asyncio.create_task(publish_all(otp, list(sent.values())))
             await wait_until(lambda: len(otp.reply_messages) >= total // 3)
             await proxy.cut()
+            answered_before = set(replies_by_command(otp))
+            assert len(answered_before) < total, "the cut came too late to test anything"
             assert worker.connection is not None
             await wait_until(lambda: not worker.connection.connected.is_set())  # type: ignore[union-attr]
             await proxy.restore()
+            futures = await publishing
             await asyncio.wait_for(asyncio.gather(*futures), 60)
             replies = replies_by_command(otp)
-            assert set(replies) == {f"cut-{i}" for i in range(total)}
-            for bodies in replies.values():
-                assert all(b == bodies[0] for b in bodies)
+            assert set(replies) == set(sent)
+            for command_id, bodies in replies.items():
+                assert all(b == bodies[0] for b in bodies), f"{command_id} got different replies"
             code_ids = {bodies[0]["code_id"] for bodies in replies.values()}
+            assert len(code_ids) == total
+            await assert_resent_commands_get_the_same_replies(otp, sent, answered_before)
             await events.wait_for(
                 lambda e: code_ids <= {b["code_id"] for b in e.bodies}, timeout=60
             )
@@ -231,20 +288,75 @@ async def test_a_command_batchs_ack_never_settles_a_command_being_parked(
 async def test_sigterm_finishes_in_flight_work_and_exits_zero(
     amqp_url: str, database_url: str, tmp_path: Path, spawn: Spawn
 ) -> None:
-    env = worker_env(amqp_url, database_url, tmp_path / "var")
-    total = 800
-    process = spawn("worker", env, "worker-term.log")
-    await wait_until(lambda: "worker consuming" in (tmp_path / "worker-term.log").read_text())
-    async with producer(amqp_url) as otp:
-        futures = await publish_issues(otp, total, "term")
-        await wait_until(lambda: len(otp.reply_messages) >= 100, timeout=60)
+    """SIGTERM lands once the worker holds every command of a burst and has answered only a
+    part of it: it must answer the rest, ack it and publish every event before it exits.
+
+    Confirms of codes that do not exist come first: they stage no event, so the relay is
+    idle when SIGTERM comes and waiting for it gives the command batches no time. The
+    issues come last, and their events go to the notifier's quorum queue, as deployed: each
+    confirm waits for the queue's commit, so the relay is behind when the last batch is done.
+    Either drain missing from ``Worker.stop`` fails this test."""
+    total, confirms = 2500, 2000
+    env = worker_env(
+        amqp_url,
+        database_url,
+        tmp_path / "var",
+        OTP_REVEAL_CLIENTS="test-app",
+        OTP_PREFETCH=str(total),  # the whole burst is delivered at once: none in transit
+        OTP_BATCH_SIZE="16",
+    )
+    commands = [("code.confirm", confirm_unknown_code(f"term-{i}")) for i in range(confirms)]
+    commands += [("code.issue", issue_command(f"term-{i}")) for i in range(confirms, total)]
+    await declare_topology(amqp_url)
+    async with channel_on(amqp_url) as channel:
+        await declare_queue(channel, NOTIFIER_QUEUE_SPEC)
+    async with producer(amqp_url) as otp, event_log(amqp_url, "code.issued") as events:
+        await asyncio.gather(*(otp.send(key, body) for key, body in commands))
+        process = spawn("worker", env, "worker-term.log")
+        await wait_until(lambda: "worker consuming" in (tmp_path / "worker-term.log").read_text())
+        async with asyncio.timeout(30):
+            while await queued_commands(amqp_url):
+                await asyncio.sleep(0.05)
         process.send_signal(signal.SIGTERM)
+        answered_at_signal = len(otp.reply_messages)
+        assert answered_at_signal < confirms // 2, "SIGTERM came with too little in flight"
         assert await asyncio.to_thread(process.wait, 60) == 0
-        log = (tmp_path / "worker-term.log").read_text()
-        assert "worker stopped" in log
-        spawn("worker", env, "worker-after.log")
-        await asyncio.wait_for(asyncio.gather(*futures), 60)
-        assert set(replies_by_command(otp)) == {f"term-{i}" for i in range(total)}
+        assert "worker stopped" in (tmp_path / "worker-term.log").read_text()
+        left = await commands_left(amqp_url)
+        assert not left, f"{len(left)} commands it held went back to the queue: {left[:3]}"
+        assert await outbox_backlog(database_url) == 0, "committed events were not published"
+        # Replies were published before the exit; they may still be on their way to us.
+        await wait_until(lambda: len(otp.reply_messages) >= total, timeout=10)
+        replies = replies_by_command(otp)
+        assert set(replies) == {body["command_id"] for _, body in commands}
+        twice = [c for c, bodies in replies.items() if len(bodies) > 1]
+        assert not twice, f"answered twice: {twice[:3]}"
+        code_ids = {b[0]["code_id"] for b in replies.values() if b[0]["status"] == "issued"}
+        assert len(code_ids) == total - confirms
+        await events.wait_for(lambda e: code_ids <= {b["code_id"] for b in e.bodies}, timeout=10)
+
+
+async def commands_left(url: str) -> list[str]:
+    """The command_id of every command waiting in the queue (taken unacked: they stay)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+        left = []
+        while (message := await queue.get(fail=False)) is not None:
+            left.append(orjson.loads(message.body)["command_id"])
+        return left
+    finally:
+        await connection.close()
+
+
+async def outbox_backlog(database_url: str) -> int:
+    """Events committed and not yet published, asked of the store once the worker is gone."""
+    store = await open_store(database_url)
+    try:
+        return await store.outbox_backlog()
+    finally:
+        await store.close()
 
 
 def run_until_exit(

@@ -10,15 +10,19 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import orjson
 import pytest
 
 from contracts.topology import COMMAND_QUEUE
-from tests.integration.test_faults import replies_by_command, wait_until
-from tests.support import EventLog, Producer, event_log, producer, start_process, worker_env
+from tests.integration.test_faults import (
+    issue_command,
+    publish_all,
+    replies_by_command,
+    wait_until,
+)
+from tests.support import EventLog, event_log, producer, start_process, worker_env
 
 WORKERS = 3
 
@@ -223,24 +227,6 @@ async def test_sigkill_of_one_of_three_workers_mid_burst_loses_nothing(
         await events.wait_for(lambda e: len(issued_events(e)) >= total, timeout=60)
         assert sorted(issued_events(events).values()) == sorted(code_ids)
     assert await group.stop() == [-signal.SIGKILL, 0, 0], group.tails()
-
-
-def issue_command(command_id: str) -> dict[str, Any]:
-    return {
-        "command_id": command_id,
-        "user": f"user-of-{command_id}",
-        "client": "test-app",
-        "channel": "none",
-        "reveal": True,
-    }
-
-
-async def publish_all(
-    otp: Producer, commands: list[dict[str, Any]]
-) -> list[asyncio.Future[dict[str, Any]]]:
-    """All at once, not one publisher confirm after another: the burst is still arriving when
-    the victim dies, so it dies holding deliveries."""
-    return await asyncio.gather(*(otp.send("code.issue", c) for c in commands))
 
 
 def handled_command_ids(log: str) -> list[str]:
