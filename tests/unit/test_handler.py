@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from cryptography.fernet import Fernet
@@ -19,6 +19,7 @@ from worker.service import CommandHandler, Crypto, Handled
 from worker.store.base import (
     OutboxRow,
     ReplyKey,
+    Send,
     SendCounts,
     State,
     StateKeys,
@@ -37,6 +38,8 @@ class MemoryTransaction:
         self.codes: dict[Scope, CodeRecord] = {}
         self.replies: dict[ReplyKey, StoredReply] = {}
         self.events: list[bytes] = []
+        self.sends: list[Send] = []
+        self.streaks: dict[str, FailureStreak] = {}
 
     async def lock(self, keys: Collection[str]) -> None:
         assert list(keys) == sorted(keys)
@@ -50,10 +53,16 @@ class MemoryTransaction:
     async def load_sends(
         self, scope_keys: Collection[str], destination_keys: Collection[str], since: datetime
     ) -> SendCounts:
-        return SendCounts({}, {})
+        counts = SendCounts({}, {})
+        for send in (s for s in self.sends if s.sent_at > since):
+            if send.scope_key in scope_keys:
+                counts.by_scope.setdefault(send.scope_key, []).append(send.sent_at)
+            if send.destination_key in destination_keys:
+                counts.by_destination.setdefault(send.destination_key, []).append(send.sent_at)
+        return counts
 
     async def load_streaks(self, users: Collection[str]) -> dict[str, FailureStreak]:
-        return {}
+        return {u: self.streaks[u] for u in users if u in self.streaks}
 
     async def load_state(self, wanted: StateKeys) -> State:
         return await load_state_one_by_one(self, wanted)
@@ -63,6 +72,12 @@ class MemoryTransaction:
         for key, reply in writes.replies.items():
             self.replies.setdefault(key, reply)
         self.events += [e.body for e in writes.events]
+        self.sends += writes.sends
+        for user, streak in writes.streaks.items():
+            if streak is None:
+                self.streaks.pop(user, None)
+            else:
+                self.streaks[user] = streak
         return []
 
 
@@ -104,17 +119,19 @@ KEY, OLD_KEY = b"k" * 32, b"o" * 32
 DELIVERY_KEY = Fernet.generate_key()
 
 
-def handler(key: bytes = KEY, previous: tuple[bytes, ...] = ()) -> CommandHandler:
+def handler(
+    key: bytes = KEY, previous: tuple[bytes, ...] = (), policy: Policy | None = None
+) -> CommandHandler:
     return CommandHandler(
-        Policy(reveal_clients=frozenset({"qa"})),
+        policy or Policy(reveal_clients=frozenset({"qa"})),
         Crypto(CodeHasher(key, previous), Sealer(DELIVERY_KEY)),
     )
 
 
 def run(
-    handler: CommandHandler, tx: MemoryTransaction, *commands: Command
+    handler: CommandHandler, tx: MemoryTransaction, *commands: Command, at: datetime = NOW
 ) -> list[Handled | Rejection]:
-    return asyncio.run(handler.handle_batch(tx, commands, NOW))[0]
+    return asyncio.run(handler.handle_batch(tx, commands, at))[0]
 
 
 def handled(outcome: Handled | Rejection) -> Handled:
@@ -180,6 +197,7 @@ def test_every_field_counts_and_an_identical_repeat_replays() -> None:
         {"destination": "b@example.org"}, {"user": "bob"}, {"client": "x"},
         {"purpose": "pay"}, {"ttl_seconds": 60}, {"locale": "de"}, {"context": {"a": "1"}},
         {"force_new": True}, {"reveal": True}, {"channel": "sms", "destination": "+4915112345678"},
+        {"channel": "none"},
     ):  # fmt: skip
         refused(run(otp, tx, base.model_copy(update=change))[0], "i3")
     assert len(tx.events) == 1
@@ -213,3 +231,100 @@ def test_replies_stored_before_fingerprints_are_replayed_as_before() -> None:
     tx.replies[("confirm", "c1")] = StoredReply(b'{"command_id":"c1","status":"invalid"}', None)
     (outcome,) = run(handler(), tx, confirm("999999", user="anyone"))
     assert handled(outcome).reply == {"command_id": "c1", "status": "invalid"}
+
+
+def wrong(code: str) -> str:
+    return "000000" if code != "000000" else "111111"
+
+
+def test_each_wrong_confirm_is_saved_for_the_next_batch_until_the_code_locks() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    code = handled(run(otp, tx, issue())[0]).reply["code"]
+    scope, most = Scope("alice", "qa", "login"), otp.policy.max_attempts
+    for n in range(1, most + 1):
+        (outcome,) = run(otp, tx, confirm(wrong(code), command_id=f"c{n}"))
+        assert tx.codes[scope].attempts == n
+    assert handled(outcome).status == "locked"
+    later = NOW + otp.policy.resend_cooldown
+    fresh = handled(run(otp, tx, issue(command_id="i2"), at=later)[0]).reply["code"]
+    (ok,) = run(otp, tx, confirm(fresh, command_id="ok1"), at=later)
+    assert handled(ok).status == "confirmed"
+    (again,) = run(otp, tx, confirm(fresh, command_id="ok2"), at=later)
+    assert handled(again).status == "not_found"  # a confirmed code is used up
+
+
+def test_a_fresh_code_takes_the_requested_ttl_and_the_policy_code_length() -> None:
+    policy = Policy(code_length=8, reveal_clients=frozenset({"qa"}))
+    reply = handled(run(handler(policy=policy), MemoryTransaction(), issue(ttl_seconds=60))[0])
+    assert IssueResult.model_validate(reply.reply).expires_at == NOW + timedelta(seconds=60)
+    assert len(reply.reply["code"]) == 8
+
+
+def test_force_new_replaces_the_active_code() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    first = handled(run(otp, tx, issue())[0]).reply
+    later = NOW + otp.policy.resend_cooldown
+    second = handled(run(otp, tx, issue(command_id="i2", force_new=True), at=later)[0]).reply
+    assert second["code_id"] != first["code_id"] and second["resent"] is False
+    (old,) = run(otp, tx, confirm(first["code"]), at=later)
+    assert handled(old).status == "invalid"
+
+
+def test_a_second_issue_in_one_batch_waits_the_cooldown_and_its_reply_is_kept() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    _, second = run(otp, tx, issue(), issue(command_id="i2"))
+    assert handled(second).reply["status"] == "rate_limited"
+    cooldown = otp.policy.resend_cooldown.total_seconds()
+    assert handled(second).reply["retry_after_seconds"] == cooldown
+    assert ("issue", "i2") in tx.replies
+
+
+def test_the_destination_cap_counts_every_user_batch_and_spelling_of_the_address() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    cap = otp.policy.max_sends_per_destination
+    spellings = ["ann@example.org", "Ann@Example.ORG", " ANN@example.org\t"]
+    sends = [
+        issue(command_id=f"i{n}", user=f"u{n}", channel="email", destination="a@example.org")
+        .model_copy(update={"destination": spellings[n % len(spellings)]})
+        for n in range(cap + 1)
+    ]  # fmt: skip
+    outcomes = run(otp, tx, *sends[: cap // 2]) + run(otp, tx, *sends[cap // 2 :])
+    assert [handled(o).status for o in outcomes] == ["issued"] * cap + ["rate_limited"]
+    (blocked,) = run(otp, tx, issue(command_id="x", user="x", channel="email",
+                                    destination="ANN@example.org"))  # fmt: skip
+    assert handled(blocked).status == "rate_limited"
+
+
+def test_a_streak_of_failed_confirms_across_batches_pauses_issuing() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    most = otp.policy.max_consecutive_failures
+    fails = [confirm("123456", command_id=f"c{n}") for n in range(most)]
+    run(otp, tx, *fails[: most // 2])
+    run(otp, tx, *fails[most // 2 :])
+    assert tx.streaks["alice"].count == most
+    reply = handled(run(otp, tx, issue())[0]).reply
+    assert reply["status"] == "rate_limited"
+    assert reply["retry_after_seconds"] == otp.policy.failure_pause.total_seconds()
+
+
+def test_a_code_issued_before_a_key_rotation_confirms_under_its_own_key() -> None:
+    tx = MemoryTransaction()
+    code = handled(run(handler(OLD_KEY), tx, issue())[0]).reply["code"]
+    (outcome,) = run(handler(KEY, previous=(OLD_KEY,)), tx, confirm(code))
+    assert handled(outcome).status == "confirmed"
+
+
+def test_a_stored_reply_keeps_the_revealed_code_only_sealed() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    code = handled(run(otp, tx, issue())[0]).reply["code"]
+    stored = tx.replies[("issue", "i1")].body
+    assert code.encode() not in stored and "code" not in orjson.loads(stored)
+    assert handled(run(otp, tx, issue())[0]).reply["code"] == code  # the replay unseals it
+
+
+def test_a_resend_reveals_the_code_only_when_asked() -> None:
+    otp, tx = handler(), MemoryTransaction()
+    run(otp, tx, issue())
+    later = NOW + otp.policy.resend_cooldown
+    reply = handled(run(otp, tx, issue(command_id="i2", reveal=False), at=later)[0]).reply
+    assert reply["resent"] is True and reply.get("code") is None
