@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import inspect
 import math
 import random
+import secrets
 from collections import Counter
 
 import pytest
@@ -30,6 +33,11 @@ def test_lengths_outside_6_to_10_are_refused(length: int) -> None:
 
 def test_leading_zeros_are_kept() -> None:
     assert generate_code(6, randbelow=lambda _: 42) == "000042"
+
+
+def test_the_default_source_is_the_os_csprng() -> None:
+    default = inspect.signature(generate_code).parameters["randbelow"].default
+    assert default is secrets.randbelow
 
 
 def chi_square(codes: list[str], position: int) -> float:
@@ -102,6 +110,53 @@ def test_hmac_verifies_only_the_right_code_for_its_code_id() -> None:
     assert not hasher.verify("id-1", "123457", hasher.current_key_id, digest)
     assert not hasher.verify("id-2", "123456", hasher.current_key_id, digest)
     assert digest != b"123456" and b"123456" not in digest
+
+
+def test_the_digest_is_hmac_sha256_of_code_id_and_code_under_the_key() -> None:
+    key = b"k" * 32
+    expected = hmac.new(key, b"id-1\x00123456", hashlib.sha256).digest()
+    assert CodeHasher(key).digest("id-1", "123456") == expected
+    assert CodeHasher(b"j" * 32).digest("id-1", "123456") != expected
+
+
+def spy_on_compare_digest(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bytes]]:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("worker.domain.codes.hmac.compare_digest", spy)
+    return calls
+
+
+def test_verify_compares_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    hasher = CodeHasher(b"k" * 32)
+    digest = hasher.digest("id-1", "123456")
+    calls = spy_on_compare_digest(monkeypatch)
+    assert not hasher.verify("id-1", "123457", hasher.current_key_id, digest)
+    assert calls == [(hasher.digest("id-1", "123457"), digest)]
+
+
+def test_verify_under_an_unknown_key_spends_a_constant_time_compare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hasher = CodeHasher(b"k" * 32)
+    digest = hasher.digest("id-1", "123456")
+    calls = spy_on_compare_digest(monkeypatch)
+    assert not hasher.verify("id-1", "123456", "unknown-key", digest)
+    assert calls == [(digest, digest)]
+
+
+def test_fingerprints_are_compared_in_constant_time_under_every_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hasher = CodeHasher(b"new-key-0123456789", previous=[b"old-key-0123456789"])
+    mark = hasher.fingerprint("command", b"x")
+    calls = spy_on_compare_digest(monkeypatch)
+    assert hasher.fingerprint_matches("command", b"x", mark)
+    assert len(calls) == 2 and all(b == mark for _, b in calls)
 
 
 def test_previous_keys_still_verify_after_rotation() -> None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from contracts.commands import ConfirmCode, IssueCode
 from contracts.replies import IssueResult
+from contracts.topology import MAX_BODY_BYTES
 from worker.domain.model import Policy
 from worker.masking import mask_destination
 from worker.parsing import Rejection, command_id_hint, parse_command
@@ -106,6 +107,24 @@ def test_too_large() -> None:
     result = rejection(body)
     assert result.error.type == "too_large"
     assert result.command_id == "c"
+
+
+def test_a_body_of_exactly_the_limit_is_accepted_one_byte_more_is_too_large() -> None:
+    body = orjson.dumps(ISSUE)
+    body += b" " * (MAX_BODY_BYTES - len(body))
+    assert isinstance(parse(body), IssueCode)
+    assert rejection(body + b" ").error.type == "too_large"
+
+
+@pytest.mark.parametrize(
+    "changes", [{"code": 424242}, {"code": "424242", "extra": 1}], ids=["number", "extra field"]
+)
+def test_a_rejected_confirm_never_quotes_its_code(changes: dict[str, object]) -> None:
+    result = rejection({"command_id": "c", "user": "u", "client": "a", **changes}, "code.confirm")
+    assert result.error.type == "validation_error"
+    messages = [result.error.message, *(f.msg for f in result.error.fields)]
+    assert "424242" not in repr(result)
+    assert not any("424242" in m for m in messages)
 
 
 def test_reveal_only_for_listed_clients() -> None:

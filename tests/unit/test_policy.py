@@ -120,6 +120,17 @@ class TestConfirm:
         assert outcome.event == "code.attempt_failed"
         assert outcome.failed
 
+    def test_a_confirm_on_a_locked_code_counts_as_a_failure(self) -> None:
+        outcome = decide_confirm(POLICY, record(state=CodeState.LOCKED), NOW, right)
+        assert outcome.status == "locked"
+        assert outcome.failed
+
+    def test_a_locked_code_stays_locked_after_it_expires(self) -> None:
+        current = record(state=CodeState.LOCKED, expires_at=NOW - S, attempts=5)
+        outcome = decide_confirm(POLICY, current, NOW, right)
+        assert (outcome.status, outcome.attempts_left, outcome.event) == ("locked", 0, None)
+        assert outcome.failed
+
     @pytest.mark.parametrize("current", [None, record(state=CodeState.CONFIRMED)])
     def test_nothing_to_confirm(self, current: CodeRecord | None) -> None:
         outcome = decide_confirm(POLICY, current, NOW, right)
@@ -161,6 +172,17 @@ class TestRateLimits:
         history = SendHistory(scope_sends=[NOW - 10 * S])
         assert retry_after(POLICY, NOW, history) == 20
         assert retry_after(POLICY, NOW + 20 * S, history) is None
+
+    def test_cooldown_counts_from_the_latest_send(self) -> None:
+        history = SendHistory(scope_sends=[NOW - 50 * S, NOW - 10 * S])
+        assert retry_after(POLICY, NOW, history) == 20
+
+    def test_cap_wait_counts_from_the_send_that_keeps_the_window_over_the_cap(self) -> None:
+        policy = Policy(resend_cooldown=timedelta(0), max_sends_per_scope=2)
+        sends = [NOW - timedelta(minutes=m) for m in (50, 40, 30)]
+        # Only when the 40-minute-old send leaves the hour are fewer than 2 sends left in it.
+        assert retry_after(policy, NOW, SendHistory(scope_sends=sends)) == 20 * 60
+        assert retry_after(policy, NOW + 20 * 60 * S, SendHistory(scope_sends=sends)) is None
 
     def test_scope_cap_at_its_boundary(self) -> None:
         policy = Policy(resend_cooldown=timedelta(0), max_sends_per_scope=5)

@@ -69,11 +69,33 @@ def test_an_unknown_routing_key_counts_as_a_confirm(routing_key: str) -> None:
     assert flagged and not digits_left(redacted)
 
 
+def test_digits_outside_a_code_member_are_scrubbed_under_an_unknown_routing_key() -> None:
+    body = b'{"command_id":"x","otp":"424242",}'
+    redacted, flagged = redact("code.delete", body)
+    assert flagged
+    assert redacted == b'{"command_id":"x","otp":"[redacted]",}'
+
+
 def test_a_confirm_of_the_right_shape_keeps_everything_but_its_code() -> None:
     body = {**CONFIRM, "extra": "order 12345", "data": {"code": "1"}}
     redacted, flagged = redact("code.confirm", orjson.dumps(body))
     assert flagged
     assert orjson.loads(redacted) == {**body, "code": MARK, "data": {"code": MARK}}
+
+
+def test_a_code_key_in_another_case_is_redacted_at_any_depth() -> None:
+    body = {**CONFIRM, "data": {"Code": "135790"}}
+    redacted, flagged = redact("code.confirm", orjson.dumps(body))
+    assert flagged
+    assert orjson.loads(redacted) == {**CONFIRM, "code": MARK, "data": {"Code": MARK}}
+
+
+def test_a_code_that_is_not_a_string_is_redacted() -> None:
+    body = {**CONFIRM, "data": {"code": 135790}}
+    redacted, _ = redact("code.confirm", orjson.dumps(body))
+    assert orjson.loads(redacted) == {**CONFIRM, "code": MARK, "data": {"code": MARK}}
+    redacted, flagged = redact("code.issue", b'{"command_id":"i","code":424242}')
+    assert flagged and orjson.loads(redacted) == {"command_id": "i", "code": MARK}
 
 
 def test_json_of_the_wrong_shape_keeps_its_structure() -> None:
@@ -162,6 +184,10 @@ def test_no_code_survives_in_any_json(shape: object, code: str) -> None:
 def test_a_compressed_confirm_is_replaced_whole(encoding: str) -> None:
     body = gzip.compress(orjson.dumps(CONFIRM))
     assert redact("code.confirm", body, encoding) == (MARK.encode(), True)
+
+
+def test_a_text_body_with_a_compressing_encoding_is_replaced_whole() -> None:
+    assert redact("code.confirm", orjson.dumps(CONFIRM), "br") == (MARK.encode(), True)
 
 
 @pytest.mark.parametrize(
