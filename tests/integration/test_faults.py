@@ -57,24 +57,18 @@ def replies_by_command(otp: Producer) -> dict[str, list[dict[str, Any]]]:
     return seen
 
 
+def _own_scope(command_id: str) -> dict[str, Any]:
+    """A command's id, and a user of its own: no two commands share a scope."""
+    return {"command_id": command_id, "user": f"user-of-{command_id}", "client": "test-app"}
+
+
 def issue_command(command_id: str) -> dict[str, Any]:
-    return {
-        "command_id": command_id,
-        "user": f"user-of-{command_id}",
-        "client": "test-app",
-        "channel": "none",
-        "reveal": True,
-    }
+    return {**_own_scope(command_id), "channel": "none", "reveal": True}
 
 
 def confirm_unknown_code(command_id: str) -> dict[str, Any]:
     """A confirm that finds no code: answered ``not_found``, with no event to publish."""
-    return {
-        "command_id": command_id,
-        "user": f"user-of-{command_id}",
-        "client": "test-app",
-        "code": "000000",
-    }
+    return {**_own_scope(command_id), "code": "000000"}
 
 
 def issue_commands(prefix: str, count: int) -> dict[str, dict[str, Any]]:
