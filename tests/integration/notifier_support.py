@@ -22,6 +22,7 @@ from contracts.topology import EVENTS_EXCHANGE
 from tests.support import TEST_DELIVERY_KEY
 from worker.amqp import Publisher, json_properties
 from worker.domain.sealing import Sealer
+from worker.notifier.transports import SmtpConfig
 
 
 def free_port() -> int:
@@ -243,6 +244,21 @@ class Gateway:
         )
         await writer.drain()
         writer.close()
+
+
+def relay_config(smtp: SmtpServer, *, timeout: float = 10.0, **options: Any) -> SmtpConfig:
+    """SMTP settings for the test's plain relay (no STARTTLS, no login); ``options`` are the
+    pool settings a test cares about."""
+    return SmtpConfig(
+        host="127.0.0.1",
+        port=smtp.port,
+        sender="no-reply@localhost",
+        username=None,
+        password=None,
+        starttls=False,
+        timeout=timeout,
+        **options,
+    )
 
 
 def crafted_event(code: str, **overrides: Any) -> dict[str, Any]:

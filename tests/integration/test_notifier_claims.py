@@ -16,7 +16,12 @@ from structlog.testing import capture_logs
 
 from contracts.events import CodeIssued
 from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_queues
-from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
+from tests.integration.notifier_support import (
+    SmtpServer,
+    crafted_event,
+    publish_event,
+    relay_config,
+)
 from tests.support import TEST_DELIVERY_KEY, event_log, worker_env
 from worker.domain.sealing import Sealer
 from worker.notifier.delivery import Delivered, Deliverer, Retry
@@ -28,7 +33,7 @@ from worker.notifier.store import (
     DeliveryStore,
     open_delivery_store,
 )
-from worker.notifier.transports import ConsoleTransport, SmtpConfig, SmtpTransport
+from worker.notifier.transports import ConsoleTransport, SmtpTransport
 from worker.store.urls import path_of
 
 PARKED = "another notifier is delivering it; parked"
@@ -123,18 +128,7 @@ async def _deliverer(
     database_url: str, smtp: SmtpServer, lease: float, smtp_timeout: float = 5.0
 ) -> AsyncIterator[tuple[Deliverer, DeliveryStore]]:
     """A notifier's delivery step alone, against the real store and SMTP server."""
-    transport = SmtpTransport(
-        SmtpConfig(
-            host="127.0.0.1",
-            port=smtp.port,
-            sender="no-reply@localhost",
-            username=None,
-            password=None,
-            starttls=False,
-            timeout=smtp_timeout,
-            pool_size=0,
-        )
-    )
+    transport = SmtpTransport(relay_config(smtp, timeout=smtp_timeout, pool_size=0))
     store = await open_delivery_store(database_url)
     try:
         yield (

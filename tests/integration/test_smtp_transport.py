@@ -6,27 +6,15 @@ import asyncio
 
 import pytest
 
-from tests.integration.notifier_support import SmtpServer
+from tests.integration.notifier_support import SmtpServer, relay_config
 from worker.notifier.render import Email
-from worker.notifier.transports import SmtpConfig, SmtpTransport, TransientDeliveryError
+from worker.notifier.transports import SmtpTransport, TransientDeliveryError
 
 MAIL = Email(subject="Your code", text="plain", html="<p>html</p>")
 
 
 def transport(smtp: SmtpServer, pool_size: int = 4, idle_seconds: float = 60.0) -> SmtpTransport:
-    return SmtpTransport(
-        SmtpConfig(
-            host="127.0.0.1",
-            port=smtp.port,
-            sender="no-reply@example.org",
-            username=None,
-            password=None,
-            starttls=False,
-            timeout=10,
-            pool_size=pool_size,
-            idle_seconds=idle_seconds,
-        )
-    )
+    return SmtpTransport(relay_config(smtp, pool_size=pool_size, idle_seconds=idle_seconds))
 
 
 async def test_mails_in_turn_share_one_connection(smtp: SmtpServer) -> None:
