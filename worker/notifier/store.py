@@ -29,7 +29,7 @@ import aiosqlite
 
 from worker.store.sqlite import open_wal, retry_locked
 from worker.store.sqlite_transaction import rollback_if_open, run_in_thread
-from worker.store.urls import backend_of, path_of
+from worker.store.urls import path_of, store_backend
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS deliveries ("
@@ -266,9 +266,6 @@ class PostgresDeliveryStore:
 
 
 async def open_delivery_store(url: str) -> DeliveryStore:
-    backend = backend_of(url)
-    if backend == "sqlite":
+    if store_backend(url) == "sqlite":
         return await SqliteDeliveryStore.open(url)
-    if backend == "postgresql":
-        return await PostgresDeliveryStore.open(url)
-    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+    return await PostgresDeliveryStore.open(url)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worker.store.base import Store, TransientStoreError
-from worker.store.urls import backend_of
+from worker.store.urls import store_backend
 
 
 async def open_store(
@@ -13,8 +13,7 @@ async def open_store(
     cache_mib: int = 2,
     outbox_lease_seconds: float = 30.0,
 ) -> Store:
-    backend = backend_of(url)
-    if backend == "sqlite":
+    if store_backend(url) == "sqlite":
         from worker.store.sqlite import SqliteStore
 
         return await SqliteStore.open(
@@ -23,12 +22,10 @@ async def open_store(
             cache_mib=cache_mib,
             outbox_lease_seconds=outbox_lease_seconds,
         )
-    if backend == "postgresql":
-        from worker.store.postgres import PostgresStore
+    from worker.store.postgres import PostgresStore
 
-        store: Store = await PostgresStore.open(url, outbox_lease_seconds=outbox_lease_seconds)
-        return store
-    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+    store: Store = await PostgresStore.open(url, outbox_lease_seconds=outbox_lease_seconds)
+    return store
 
 
 __all__ = ["Store", "TransientStoreError", "open_store"]

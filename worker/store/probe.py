@@ -16,7 +16,7 @@ import asyncpg
 
 from worker.store.migrations import migrations
 from worker.store.postgres import TRANSIENT_ERRORS
-from worker.store.urls import backend_of, path_of
+from worker.store.urls import path_of, store_backend
 
 
 class NotAnOtpStore(Exception):
@@ -33,12 +33,9 @@ class StoreProbe(Protocol):
 
 
 async def probe_store(url: str) -> StoreProbe:
-    backend = backend_of(url)
-    if backend == "sqlite":
+    if store_backend(url) == "sqlite":
         return await SqliteProbe.open(url)
-    if backend == "postgresql":
-        return await PostgresProbe.open(url)
-    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+    return await PostgresProbe.open(url)
 
 
 def _require_migrated(backend: str, found: int) -> int:
