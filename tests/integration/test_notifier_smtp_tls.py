@@ -27,6 +27,8 @@ from tests.integration.notifier_support import SmtpServer, crafted_event, publis
 from tests.support import EventLog, event_log
 
 USERNAME, PASSWORD = "mailer", "relay-password-7f3a"
+STARTTLS_LOGIN = {"smtp_starttls": True, "smtp_username": USERNAME, "smtp_password": PASSWORD}
+"""How the notifier is set up to reach the TLS relay, short of its port."""
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -100,12 +102,7 @@ async def test_mail_goes_through_starttls_and_a_login(
     amqp_url: str, start_notifier: NotifierFactory, tls_smtp: SmtpServer
 ) -> None:
     with capture_logs() as logs:
-        await start_notifier(
-            smtp_port=tls_smtp.port,
-            smtp_starttls=True,
-            smtp_username=USERNAME,
-            smtp_password=PASSWORD,
-        )
+        await start_notifier(smtp_port=tls_smtp.port, **STARTTLS_LOGIN)
         async with event_log(amqp_url) as events:
             await publish_event(amqp_url, crafted_event("428571"))
             await events.wait_for(settled)
@@ -131,9 +128,7 @@ async def test_a_relay_certificate_nobody_trusts_gets_no_mail(
     await start_notifier(
         notifier_max_attempts=1,  # a verification failure counts as transient: no waiting
         smtp_port=tls_smtp.port,
-        smtp_starttls=True,
-        smtp_username=USERNAME,
-        smtp_password=PASSWORD,
+        **STARTTLS_LOGIN,
     )
     async with event_log(amqp_url) as events:
         await publish_event(amqp_url, crafted_event("857142"))
