@@ -25,7 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -56,6 +56,9 @@ from contracts.topology import (
     ISSUE_ROUTING_KEY,
     SUBSCRIBER_QUEUE_PREFIX,
 )
+
+if TYPE_CHECKING:
+    from yarl import URL  # aio-pika's URLs
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,14 @@ async def connect_robust(url: str, *, name: str, timeout: float) -> AbstractRobu
     return connection
 
 
+def broker_user_of(url: URL) -> str | None:
+    """The user a connection to ``url`` logs in as, or None when the broker names it
+    (``auth=external``: the certificate's name, which the client does not know)."""
+    if url.query.get("auth", "plain").lower() != "plain":
+        return None
+    return url.user or "guest"  # aiormq's PLAIN login, "guest" when the URL names none
+
+
 class OtpClient:
     """One connection, one channel for commands and their replies.
 
@@ -157,6 +168,7 @@ class OtpClient:
         replies: AbstractQueue,
         *,
         timeout: float,
+        broker_user: str | None = None,
     ) -> None:
         self._connection = connection
         self._channel = channel
@@ -169,6 +181,9 @@ class OtpClient:
         """The ones published on the current connection: ``None`` answers them if it drops."""
         self._ready = asyncio.Event()
         """Set while the connection is up and direct reply-to is consumed on it."""
+        self._broker_user = broker_user
+        """Sent as ``user_id`` with a reveal, which a worker may require (and the broker
+        checks against the connection's login)."""
 
     @classmethod
     @asynccontextmanager
@@ -181,7 +196,14 @@ class OtpClient:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             commands = await _existing_exchange(channel, COMMANDS_EXCHANGE)
             replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-            client = cls(connection, channel, commands, replies, timeout=timeout)
+            client = cls(
+                connection,
+                channel,
+                commands,
+                replies,
+                timeout=timeout,
+                broker_user=broker_user_of(make_url(url)),
+            )
             await client._consume_replies()
             # The robust channel reopens after a lost connection and after a channel error
             # alike, and calls these each time.
@@ -308,6 +330,7 @@ class OtpClient:
             correlation_id=correlation_id,
             reply_to=DIRECT_REPLY_TO,
             type=type(command).__name__,
+            user_id=self._broker_user if getattr(command, "reveal", False) else None,
         )
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)

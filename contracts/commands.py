@@ -35,7 +35,17 @@ class IssueCode(StrictCommand):
     locale: Annotated[str, Field(min_length=2, max_length=35)] = "en"
     context: dict[ContextKey, ContextValue] = Field(default_factory=dict)
     force_new: bool = False
-    reveal: bool = False
+    reveal: Annotated[
+        bool,
+        Field(
+            description=(
+                "Return the plaintext code in the reply. Only for clients the operator lists "
+                "(OTP_REVEAL_CLIENTS) and, where the operator also lists broker users "
+                "(OTP_REVEAL_BROKER_USERS), only in a message whose AMQP `user_id` property "
+                "names one of them; otherwise the command is rejected (reveal_not_permitted)."
+            )
+        ),
+    ] = False
 
     @field_validator("locale")
     @classmethod

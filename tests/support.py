@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from yarl import URL
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 
@@ -53,6 +54,23 @@ def delete_vhost(name: str) -> None:
     )
 
 
+@contextmanager
+def broker_user(vhost_url: str) -> Iterator[tuple[str, str]]:
+    """A broker user of its own with every permission on the vhost: (name, its URL there).
+    Deleted at the end, like the vhost."""
+    url = URL(vhost_url)
+    name = f"otp-test-user-{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    rabbitmqctl("add_user", name, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", url.path.lstrip("/"), name, ".*", ".*", ".*")
+        yield name, str(url.with_user(name).with_password(password))
+    finally:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_user", name], check=False, capture_output=True, timeout=60
+        )
+
+
 @dataclass
 class Producer:
     """Publishes commands like a foreign service and collects replies by correlation id."""
@@ -74,7 +92,12 @@ class Producer:
             future.set_result(body)
 
     async def send(
-        self, routing_key: str, body: dict[str, Any] | bytes, *, correlation_id: str | None = None
+        self,
+        routing_key: str,
+        body: dict[str, Any] | bytes,
+        *,
+        correlation_id: str | None = None,
+        user_id: str | None = None,
     ) -> asyncio.Future[dict[str, Any]]:
         correlation_id = correlation_id or str(uuid.uuid4())
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -89,6 +112,7 @@ class Producer:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 reply_to=self.reply_queue.name,
                 correlation_id=correlation_id,
+                user_id=user_id,
             ),
             routing_key=routing_key,
         )

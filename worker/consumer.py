@@ -134,7 +134,9 @@ class CommandConsumer:
         valid: list[Valid] = []
         for message in batch:
             try:
-                parsed = parse_command(message.routing_key or "", message.body, self._policy)
+                parsed = parse_command(
+                    message.routing_key or "", message.body, self._policy, message.user_id
+                )
             except Exception:
                 command_id = command_id_hint(message.body)
                 log.exception(

@@ -13,7 +13,7 @@ from contracts.commands import ConfirmCode, IssueCode
 from contracts.replies import ErrorInfo, ErrorType, FieldError
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY, MAX_BODY_BYTES
 from worker.domain.model import Policy
-from worker.domain.policy import resolve_ttl, reveal_permitted
+from worker.domain.policy import RevealRefusal, resolve_ttl, reveal_refusal
 
 Kind = Literal["issue", "confirm"]
 Command = IssueCode | ConfirmCode
@@ -40,7 +40,11 @@ def kind_of(command: Command) -> Kind:
     return "issue" if isinstance(command, IssueCode) else "confirm"
 
 
-def parse_command(routing_key: str, body: bytes, policy: Policy) -> Command | Rejection:
+def parse_command(
+    routing_key: str, body: bytes, policy: Policy, broker_user: str | None = None
+) -> Command | Rejection:
+    """``broker_user`` is the message's ``user_id`` property: the broker user that published
+    it, as the broker has checked."""
     kind = KIND_OF_ROUTING_KEY.get(routing_key)
     if kind is None:
         guessed: Kind = "confirm" if b'"code"' in body else "issue"
@@ -62,12 +66,21 @@ def parse_command(routing_key: str, body: bytes, policy: Policy) -> Command | Re
                 "invalid command",
                 [FieldError(loc="ttl_seconds", msg=str(exc))],
             )
-        if command.reveal and not reveal_permitted(policy, command.client):
+        refusal = reveal_refusal(policy, command.client, broker_user) if command.reveal else None
+        if refusal is RevealRefusal.CLIENT:
             return _reject(
                 kind,
                 body,
                 "reveal_not_permitted",
                 f"client {command.client!r} may not ask for the plaintext code",
+            )
+        if refusal is RevealRefusal.BROKER_USER:
+            return _reject(
+                kind,
+                body,
+                "reveal_not_permitted",
+                "the plaintext code is only for commands published by a broker user allowed "
+                f"to reveal, named in the message's user_id (user_id: {broker_user!r})",
             )
     return command
 

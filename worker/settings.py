@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     max_sends_per_destination_per_hour: int = Field(10, ge=1)
     max_consecutive_failures: int = Field(20, ge=1, le=100)
     reveal_clients: str = ""
+    reveal_broker_users: str = ""
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(25, ge=1, le=65535)
@@ -133,6 +134,7 @@ class Settings(BaseSettings):
             max_sends_per_destination=self.max_sends_per_destination_per_hour,
             max_consecutive_failures=self.max_consecutive_failures,
             reveal_clients=frozenset(_split(self.reveal_clients)),
+            reveal_broker_users=frozenset(_split(self.reveal_broker_users)),
         )
 
 

@@ -35,6 +35,18 @@ def test_keys_are_required_outside_dev_mode(tmp_path: Path) -> None:
     assert not (tmp_path / "secret_key").exists()
 
 
+def test_the_reveal_lists_are_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTP_REVEAL_CLIENTS", "qa, e2e")
+    monkeypatch.setenv("OTP_REVEAL_BROKER_USERS", " svc-qa ,,svc-e2e")
+    policy = Settings(_env_file=None, var_dir=tmp_path).policy()  # type: ignore[call-arg]
+    assert policy.reveal_clients == {"qa", "e2e"}
+    assert policy.reveal_broker_users == {"svc-qa", "svc-e2e"}
+    monkeypatch.delenv("OTP_REVEAL_BROKER_USERS")
+    assert Settings(_env_file=None, var_dir=tmp_path).policy().reveal_broker_users == set()  # type: ignore[call-arg]
+
+
 async def test_the_sweeper_forgets_expired_codes_and_old_replies(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:

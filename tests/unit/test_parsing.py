@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import orjson
@@ -130,6 +131,20 @@ def test_a_rejected_confirm_never_quotes_its_code(changes: dict[str, object]) ->
 def test_reveal_only_for_listed_clients() -> None:
     assert rejection({**ISSUE, "reveal": True}).error.type == "reveal_not_permitted"
     assert isinstance(parse({**ISSUE, "client": "qa", "reveal": True}), IssueCode)
+
+
+def test_reveal_from_a_broker_user_not_listed_is_rejected_and_says_which_it_was() -> None:
+    policy = replace(POLICY, reveal_broker_users=frozenset({"svc-qa"}))
+    body = json.dumps({**ISSUE, "client": "qa", "reveal": True}).encode()
+    assert isinstance(parse_command("code.issue", body, policy, "svc-qa"), IssueCode)
+    for broker_user in ("guest", None):
+        refused = parse_command("code.issue", body, policy, broker_user)
+        assert isinstance(refused, Rejection)
+        assert (refused.error.type, refused.command_id) == ("reveal_not_permitted", "c")
+        assert f"user_id: {broker_user!r}" in refused.error.message
+    # Without reveal the broker user does not matter.
+    plain = json.dumps({**ISSUE, "client": "qa"}).encode()
+    assert isinstance(parse_command("code.issue", plain, policy, None), IssueCode)
 
 
 def test_unknown_routing_key() -> None:

@@ -9,13 +9,14 @@ import pytest
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Policy, Scope
 from worker.domain.policy import (
     IssueAction,
+    RevealRefusal,
     SendHistory,
     decide_confirm,
     decide_issue,
     next_streak,
     resolve_ttl,
     retry_after,
-    reveal_permitted,
+    reveal_refusal,
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -78,9 +79,19 @@ class TestIssue:
 
     def test_reveal_only_for_listed_clients(self) -> None:
         policy = Policy(reveal_clients=frozenset({"qa"}))
-        assert reveal_permitted(policy, "qa")
-        assert not reveal_permitted(policy, "app")
-        assert not reveal_permitted(POLICY, "qa")
+        assert reveal_refusal(policy, "qa", None) is None
+        assert reveal_refusal(policy, "qa", "anyone") is None
+        assert reveal_refusal(policy, "app", None) is RevealRefusal.CLIENT
+        assert reveal_refusal(POLICY, "qa", None) is RevealRefusal.CLIENT
+
+    def test_reveal_from_listed_broker_users_only_once_they_are_named(self) -> None:
+        policy = Policy(reveal_clients=frozenset({"qa"}), reveal_broker_users=frozenset({"svc-qa"}))
+        assert reveal_refusal(policy, "qa", "svc-qa") is None
+        assert reveal_refusal(policy, "qa", "svc-app") is RevealRefusal.BROKER_USER
+        assert reveal_refusal(policy, "qa", None) is RevealRefusal.BROKER_USER
+        assert reveal_refusal(policy, "qa", "") is RevealRefusal.BROKER_USER
+        # The client is checked first: a listed broker user does not make any client one.
+        assert reveal_refusal(policy, "app", "svc-qa") is RevealRefusal.CLIENT
 
 
 class TestConfirm:

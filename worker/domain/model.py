@@ -63,3 +63,7 @@ class Policy:
     max_consecutive_failures: int = 20
     failure_pause: timedelta = timedelta(hours=1)
     reveal_clients: frozenset[str] = frozenset()
+    reveal_broker_users: frozenset[str] = frozenset()
+    """Empty: ``reveal_clients`` alone decides. Otherwise a reveal must also come from one of
+    these broker users, as the message's ``user_id`` says (RabbitMQ refuses a publish whose
+    ``user_id`` is not the connection's own user)."""

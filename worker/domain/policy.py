@@ -27,8 +27,23 @@ def resolve_ttl(policy: Policy, requested_seconds: int | None) -> timedelta:
     return timedelta(seconds=requested_seconds)
 
 
-def reveal_permitted(policy: Policy, client: str) -> bool:
-    return client in policy.reveal_clients
+class RevealRefusal(StrEnum):
+    CLIENT = "client"
+    BROKER_USER = "broker_user"
+
+
+def reveal_refusal(policy: Policy, client: str, broker_user: str | None) -> RevealRefusal | None:
+    """Why a reveal is refused, or None if it is permitted.
+
+    ``client`` is a field of the command, which any producer can set; ``broker_user`` is the
+    message's ``user_id`` property, which the broker has checked against the publishing
+    connection's login, so it is what can be required of a reveal when producers are not all
+    trusted alike."""
+    if client not in policy.reveal_clients:
+        return RevealRefusal.CLIENT
+    if policy.reveal_broker_users and broker_user not in policy.reveal_broker_users:
+        return RevealRefusal.BROKER_USER
+    return None
 
 
 @dataclass(frozen=True, slots=True)

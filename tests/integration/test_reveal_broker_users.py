@@ -1,0 +1,88 @@
+"""``OTP_REVEAL_BROKER_USERS``: a reveal only for commands the broker says a listed user sent.
+
+The ``client`` field is the producer's to choose; the ``user_id`` property is checked by the
+broker against the publishing connection's login, so it is what a reveal can be tied to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from contracts.client import OtpClient
+from contracts.topology import COMMANDS_EXCHANGE, ERROR_TYPE_HEADER
+from tests.conftest import WorkerFactory
+from tests.integration.test_bad_input import drain_dead_letters
+from tests.support import AUDIT, broker_user, producer
+
+
+def reveal_command(user: str) -> dict[str, Any]:
+    return {
+        "command_id": str(uuid.uuid4()),
+        "user": user,
+        "client": "test-app",
+        "channel": "none",
+        "reveal": True,
+    }
+
+
+@pytest.fixture
+async def listed_user(amqp_url: str, start_worker: WorkerFactory) -> AsyncIterator[tuple[str, str]]:
+    """A broker user of its own (name, URL) and a worker that lets only it reveal."""
+    with broker_user(amqp_url) as (name, url):
+        await start_worker(reveal_clients="test-app", reveal_broker_users=name)
+        yield name, url
+
+
+async def test_only_a_listed_broker_user_gets_the_code(
+    amqp_url: str, listed_user: tuple[str, str]
+) -> None:
+    async with producer(amqp_url) as guest:
+        for user_id in (None, "guest"):
+            sent = await guest.send("code.issue", reveal_command("alice"), user_id=user_id)
+            refused = await asyncio.wait_for(sent, 15)
+            assert refused["status"] == "rejected", refused
+            assert refused["error"]["type"] == "reveal_not_permitted"
+            assert f"user_id: {user_id!r}" in refused["error"]["message"]
+            assert "code" not in refused
+        plain = await guest.issue(user="alice")  # no reveal: any producer, as before
+        assert plain["status"] == "issued" and "code" not in plain
+    async with OtpClient.connect(listed_user[1]) as otp:
+        issued = await otp.issue(user="bob", client="test-app", channel="none", reveal=True)
+        assert issued.status == "issued" and issued.code is not None
+        AUDIT.codes.add(issued.code)
+        confirmed = await otp.confirm(user="bob", client="test-app", code=issued.code)
+        assert confirmed.status == "confirmed"
+        other = await otp.issue(user="carol", client="other-app", channel="none", reveal=True)
+        assert other.status == "rejected" and other.error is not None
+        assert other.error.type == "reveal_not_permitted"
+    # The worker parks them under its own login: a copy that kept the publisher's user_id
+    # would be refused by the broker, and the command requeued for ever.
+    parked = await drain_dead_letters(amqp_url)
+    assert [m.headers[ERROR_TYPE_HEADER] for m in parked] == ["reveal_not_permitted"] * 3
+    assert [m.user_id for m in parked] == [None] * 3
+
+
+async def test_the_broker_refuses_a_user_id_that_is_not_the_publishers(
+    amqp_url: str, listed_user: tuple[str, str]
+) -> None:
+    """What the setting rests on: guest cannot publish as the listed user."""
+    async with producer(amqp_url) as guest:
+        forged = aio_pika.Message(
+            orjson.dumps(reveal_command("mallory")),
+            content_type="application/json",
+            reply_to=guest.reply_queue.name,
+            user_id=listed_user[0],
+        )
+        channel = await guest.connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+        with pytest.raises(ChannelPreconditionFailed, match="user_id"):
+            await exchange.publish(forged, routing_key="code.issue", timeout=15)
+        assert guest.reply_messages == []
