@@ -8,7 +8,7 @@ in two transactions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -69,14 +69,40 @@ def scope_of(command: Command) -> Scope:
     return Scope(command.user, command.client, command.purpose)
 
 
-def destination_key(crypto: Crypto, command: IssueCode) -> str | None:
+def destination_of(command: IssueCode) -> str | None:
+    """The address the send limits count: one spelling for every way of writing it."""
     if command.channel == "none" or command.destination is None:
         return None
-    return crypto.hasher.pseudonym("destination", command.destination.strip().lower())
+    return command.destination.strip().lower()
 
 
-def lock_keys(commands: Sequence[Command], destinations: dict[int, str | None]) -> list[str]:
-    keys: set[str] = set()
+def destination_key(crypto: Crypto, command: IssueCode) -> str | None:
+    destination = destination_of(command)
+    return None if destination is None else crypto.hasher.pseudonym("destination", destination)
+
+
+def earlier_destination_keys(
+    crypto: Crypto, issues: Sequence[IssueCode], destinations: dict[int, str | None]
+) -> dict[str, str]:
+    """Each destination's pseudonyms under the previous secret keys, mapped to its current
+    one (in ``destinations``): sends recorded before a key rotation still count against the
+    destination's cap. Empty, and no HMAC computed, when there are no previous keys."""
+    earlier: dict[str, str] = {}
+    for command in issues:
+        current, destination = destinations[id(command)], destination_of(command)
+        if current is not None and destination is not None:
+            for old in crypto.hasher.earlier_pseudonyms("destination", destination):
+                earlier[old] = current
+    return earlier
+
+
+def lock_keys(
+    commands: Sequence[Command], destinations: dict[int, str | None], earlier: Collection[str]
+) -> list[str]:
+    """Every key the batch touches. A destination's earlier pseudonyms are locked too, so a
+    worker still on the previous key (a rolling rotation) and one on the new key take turns
+    on the same address."""
+    keys: set[str] = {f"destination:{old}" for old in earlier}
     for command in commands:
         keys.add(f"command:{kind_of(command)}:{command.command_id}")
         keys.add(f"scope:{scope_key(scope_of(command))}")
@@ -84,6 +110,13 @@ def lock_keys(commands: Sequence[Command], destinations: dict[int, str | None]) 
         if dest := destinations.get(id(command)):
             keys.add(f"destination:{dest}")
     return sorted(keys)
+
+
+def merge_earlier_sends(by_destination: dict[str, list[datetime]], earlier: dict[str, str]) -> None:
+    """Files sends recorded under an earlier pseudonym under the current one."""
+    for old, current in earlier.items():
+        if old in by_destination:
+            by_destination.setdefault(current, []).extend(by_destination.pop(old))
 
 
 @dataclass
@@ -111,12 +144,11 @@ class CommandHandler:
     ) -> tuple[list[Handled | Rejection], list[OutboxRow]]:
         """A command whose id has a reply gets that reply if it is the same command, and is
         rejected (``command_id_reused``, no effect) if it is another one."""
-        destinations = {
-            id(c): destination_key(self.crypto, c) for c in commands if isinstance(c, IssueCode)
-        }
-        await tx.lock(lock_keys(commands, destinations))
-        keys: list[ReplyKey] = [(kind_of(c), c.command_id) for c in commands]
         issues = [c for c in commands if isinstance(c, IssueCode)]
+        destinations = {id(c): destination_key(self.crypto, c) for c in issues}
+        old_keys = earlier_destination_keys(self.crypto, issues, destinations)
+        await tx.lock(lock_keys(commands, destinations, old_keys))
+        keys: list[ReplyKey] = [(kind_of(c), c.command_id) for c in commands]
         # One load for the whole batch: the state of a command that turns out to be a
         # replay is loaded for nothing, which costs less than a second trip to the store.
         loaded = await tx.load_state(
@@ -125,11 +157,12 @@ class CommandHandler:
                 scopes={scope_of(c) for c in commands},
                 users={c.user for c in commands},
                 send_scope_keys={scope_key(scope_of(c)) for c in issues},
-                destination_keys={d for c in issues if (d := destinations[id(c)])},
+                destination_keys={d for c in issues if (d := destinations[id(c)])} | set(old_keys),
                 since=now - self.policy.send_window,
             )
         )
         stored = loaded.replies
+        merge_earlier_sends(loaded.sends.by_destination, old_keys)
         state = _BatchState(
             codes=loaded.codes,
             scope_sends=loaded.sends.by_scope,

@@ -226,6 +226,24 @@ async def test_codes_survive_key_rotation(amqp_url: str, start_worker: WorkerFac
     await _confirm_after_forgetting_old_key(amqp_url, start_worker, other, new_secret, new_delivery)
 
 
+async def test_the_destination_cap_outlives_a_key_rotation(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    old_secret, new_secret = "old-secret-key-0123456789", "new-secret-key-9876543210"
+    before = await start_worker(secret_key=old_secret, **STRICT)
+    cap = STRICT["max_sends_per_destination_per_hour"]
+    async with producer(amqp_url) as otp:
+        for n in range(cap):
+            sent = await otp.issue(user=f"d{n}", channel="sms", destination="+4915112345678")
+            assert sent["status"] == "issued"
+        await before.stop()
+        await start_worker(secret_key=new_secret, secret_key_previous=old_secret, **STRICT)
+        refused = await otp.issue(user="d-next", channel="sms", destination="+4915112345678")
+        assert refused["status"] == "rate_limited", refused
+        other = await otp.issue(user="d-next", channel="sms", destination="+4915112345679")
+        assert other["status"] == "issued"
+
+
 async def _confirm_after_forgetting_old_key(
     amqp_url: str, start_worker: WorkerFactory, other: dict[str, Any], secret: str, delivery: str
 ) -> None:

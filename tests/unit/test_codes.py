@@ -181,6 +181,17 @@ def test_pseudonyms_are_stable_and_keyed() -> None:
     assert "example" not in a.pseudonym("destination", "x@example.org")
 
 
+def test_earlier_pseudonyms_are_those_the_previous_keys_gave() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    rotated = CodeHasher(new, previous=[old])
+    assert rotated.earlier_pseudonyms("destination", "x@example.org") == [
+        CodeHasher(old).pseudonym("destination", "x@example.org")
+    ]
+    assert CodeHasher(new).earlier_pseudonyms("destination", "x@example.org") == []
+    # The current key listed as a previous one too (a rotation half done) adds nothing.
+    assert CodeHasher(new, previous=[new]).earlier_pseudonyms("destination", "x") == []
+
+
 def test_fingerprints_are_keyed_and_outlive_a_rotation() -> None:
     value = b'{"code":"123456"}'
     old = CodeHasher(b"old-key-0123456789")

@@ -40,9 +40,11 @@ class MemoryTransaction:
         self.events: list[bytes] = []
         self.sends: list[Send] = []
         self.streaks: dict[str, FailureStreak] = {}
+        self.locked: list[str] = []
 
     async def lock(self, keys: Collection[str]) -> None:
         assert list(keys) == sorted(keys)
+        self.locked = list(keys)
 
     async def load_replies(self, keys: Collection[ReplyKey]) -> dict[ReplyKey, StoredReply]:
         return {k: self.replies[k] for k in keys if k in self.replies}
@@ -293,6 +295,29 @@ def test_the_destination_cap_counts_every_user_batch_and_spelling_of_the_address
     (blocked,) = run(otp, tx, issue(command_id="x", user="x", channel="email",
                                     destination="ANN@example.org"))  # fmt: skip
     assert handled(blocked).status == "rate_limited"
+
+
+def test_the_destination_cap_outlives_a_rotation_of_the_secret_key() -> None:
+    """Send rows name the address by its pseudonym under the key of the day; the rotated
+    worker counts those under the previous keys too, until the old key is dropped."""
+    tx = MemoryTransaction()
+    before, rotated = handler(OLD_KEY), handler(KEY, previous=(OLD_KEY,))
+    cap = before.policy.max_sends_per_destination
+
+    def send(n: int, address: str = "a@example.org") -> IssueCode:
+        return issue(command_id=f"i{n}", user=f"u{n}", channel="email", destination=address)
+
+    assert all(handled(o).status == "issued" for o in run(before, tx, *map(send, range(cap))))
+    (blocked,) = run(rotated, tx, send(cap, "A@Example.ORG"))
+    assert handled(blocked).status == "rate_limited"
+    old, new = (
+        h.crypto.hasher.pseudonym("destination", "a@example.org") for h in (before, rotated)
+    )
+    assert {f"destination:{old}", f"destination:{new}"} <= set(tx.locked)
+    (other,) = run(rotated, tx, send(cap + 1, "b@example.org"))
+    assert handled(other).status == "issued"
+    (forgotten,) = run(handler(KEY), tx, send(cap + 2))  # the old key dropped: rows unread
+    assert handled(forgotten).status == "issued"
 
 
 def test_a_streak_of_failed_confirms_across_batches_pauses_issuing() -> None:

@@ -47,8 +47,14 @@ class CodeHasher:
 
     def pseudonym(self, purpose: str, value: str) -> str:
         """A keyed, stable stand-in for a personal value (destinations in rate-limit rows)."""
-        mac = hmac.new(self._current, f"{purpose}\x00{value}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:32]
+        return _pseudonym(self._current, purpose, value)
+
+    def earlier_pseudonyms(self, purpose: str, value: str) -> list[str]:
+        """The value's pseudonyms under the previous keys: rows written before a rotation
+        still name it so (an empty list when there was none)."""
+        return [
+            _pseudonym(key, purpose, value) for key in self._keys.values() if key != self._current
+        ]
 
     def fingerprint(self, purpose: str, value: bytes) -> bytes:
         """A keyed digest of a value that is only ever compared, never read back (a command's
@@ -61,6 +67,10 @@ class CodeHasher:
         for key in self._keys.values():
             matched |= hmac.compare_digest(_fingerprint(key, purpose, value), fingerprint)
         return matched
+
+
+def _pseudonym(key: bytes, purpose: str, value: str) -> str:
+    return hmac.new(key, f"{purpose}\x00{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _mac(key: bytes, code_id: str, code: str) -> bytes:
