@@ -13,6 +13,8 @@ Worker series (sampled ones are refreshed on each scrape, so an idle worker cost
 - ``otp_outbox_oldest_age_seconds`` gauge (sampled): age of the oldest of them, the relay lag
 - ``otp_consuming`` gauge (sampled): 1 while our consumer is registered on a live channel
 - ``otp_command_queue_consumers`` gauge (sampled): consumers the broker counts on the queue
+- ``otp_event_loop_lag_seconds`` histogram (both processes): how late the event loop runs a
+  timer due every 50 ms, while the metrics server runs
 
 Notifier series (``NotifierMetrics``; the notifier calls these, then ``MetricsServer``):
 
@@ -49,6 +51,32 @@ log = get_logger(__name__)
 PROBE_TIMEOUT_SECONDS = 5.0
 _COMMANDS = {"code.issue": "issue", "code.confirm": "confirm"}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LOOP_LAG_INTERVAL_SECONDS = 0.05
+
+
+class LoopLag:
+    """``otp_event_loop_lag_seconds``: how late the event loop runs a timer.
+
+    A loop held up (a callback that blocks, a process starved of CPU) is late with every
+    delivery, reply and ack at once, and the command latency alone cannot tell that from a
+    slow broker or store; this can. The timer is due every ``LOOP_LAG_INTERVAL_SECONDS``, so
+    a stall longer than that always shows (shorter ones may fall between two timers); it
+    wakes the loop 20 times a second, which costs nothing measurable."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
+            "otp_event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LOOP_LAG_INTERVAL_SECONDS} s",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    async def run(self, interval: float = LOOP_LAG_INTERVAL_SECONDS) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.histogram.observe(max(loop.time() - due, 0.0))
 
 
 class WorkerMetrics:
@@ -86,6 +114,7 @@ class WorkerMetrics:
             "Consumers the broker counts on the command queue",
             registry=r,
         )
+        self.loop_lag = LoopLag(r)
 
     def observe_command(
         self, routing_key: str, outcome: Handled | Rejection, started: float
@@ -131,6 +160,7 @@ class NotifierMetrics:
             "1 while this notifier consumes its events queue",
             registry=self.registry,
         )
+        self.loop_lag = LoopLag(self.registry)
 
     def record_delivery(self, channel: str, result: str, seconds: float | None = None) -> None:
         self.deliveries.labels(channel, result).inc()
@@ -154,10 +184,13 @@ class MetricsServer:
         *,
         ready: Probe = _always,
         sample: Callable[[], Awaitable[None]] | None = None,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
         self._sample = sample
+        self._loop_lag = loop_lag
+        self._lag_task: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
@@ -165,10 +198,16 @@ class MetricsServer:
         """Binds (``port`` 0 picks a free one) and returns the bound port."""
         self._server = await asyncio.start_server(self._handle, host, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
+        if self._loop_lag is not None:
+            self._lag_task = asyncio.create_task(self._loop_lag.run(), name="loop-lag")
         log.info("metrics listening", host=host, port=self.port)
         return self.port
 
     async def close(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -232,6 +271,7 @@ async def serve_worker(worker: Worker, host: str, port: int) -> MetricsServer:
     async def sample() -> None:
         await worker.metrics.sample(worker)
 
-    server = MetricsServer(worker.metrics.registry, ready=ready, sample=sample)
+    metrics = worker.metrics
+    server = MetricsServer(metrics.registry, ready=ready, sample=sample, loop_lag=metrics.loop_lag)
     await server.start(host, port)
     return server

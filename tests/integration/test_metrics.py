@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import httpx
@@ -84,6 +85,28 @@ async def test_commands_are_counted_by_type_and_status(
     assert count(samples, "otp_command_queue_consumers") == 1
     relayed = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 0)
     assert count(relayed, "otp_outbox_oldest_age_seconds") == 0
+
+
+def late(samples: Samples, over: str = "0.25") -> float:
+    """Timers the event loop ran more than ``over`` seconds late."""
+    lag = "otp_event_loop_lag_seconds"
+    return count(samples, f"{lag}_count", default=0) - count(
+        samples, f"{lag}_bucket", default=0, le=over
+    )
+
+
+async def loop_lag_shows_a_stall(port: int) -> None:
+    """The app's loop is the test's: holding it up is a stall the histogram must show."""
+    await scrape_until(port, lambda s: count(s, "otp_event_loop_lag_seconds_count", default=0) > 1)
+    before = late(await scrape(port))
+    time.sleep(0.6)  # the stimulus, not a wait: blocks every task on the loop for 0.6 s
+    samples = await scrape_until(port, lambda s: late(s) > before)
+    assert late(samples, over="0.5") >= 1  # one timer 0.55 s late or more: the whole stall
+
+
+async def test_a_blocked_event_loop_shows_as_loop_lag(start_worker: WorkerFactory) -> None:
+    _, port = await start(start_worker)
+    await loop_lag_shows_a_stall(port)
 
 
 async def test_a_full_disk_is_retried_counted_and_then_gets_through(

@@ -6,7 +6,7 @@ import asyncio
 
 from tests.integration.conftest import NotifierFactory
 from tests.integration.notifier_support import SmtpServer, crafted_event, publish_event
-from tests.integration.test_metrics import count, get, scrape, scrape_until
+from tests.integration.test_metrics import count, get, loop_lag_shows_a_stall, scrape, scrape_until
 from tests.support import event_log
 from worker.notifier.app import Notifier
 
@@ -42,6 +42,7 @@ async def test_deliveries_are_counted_by_channel_and_result(
     # Two SMTP sessions (the 451, then the success): the expired code never reached one.
     assert count(samples, "otp_delivery_duration_seconds_count", channel="email") == 2
     assert count(samples, "otp_delivery_duration_seconds_sum", channel="email") > 0
+    await loop_lag_shows_a_stall(port)
 
 
 async def test_readyz_fails_while_the_consumer_is_lost(

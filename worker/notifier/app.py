@@ -101,7 +101,10 @@ class Notifier:
         s = self.settings
         if s.metrics_port is not None:  # first, so liveness answers while we start
             self.metrics_server = MetricsServer(
-                self.metrics.registry, ready=self.ready, sample=self._sample
+                self.metrics.registry,
+                ready=self.ready,
+                sample=self._sample,
+                loop_lag=self.metrics.loop_lag,
             )
             self.metrics_port = await self.metrics_server.start(s.metrics_host, s.metrics_port)
         self.store = await open_delivery_store(s.database_url)
