@@ -13,6 +13,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.topology import COMMAND_QUEUE, COMMAND_QUEUE_SPEC, COMMANDS_EXCHANGE
 from worker.amqp import declare_exchanges, declare_queue
@@ -481,6 +483,37 @@ class BrokerProbe:
             with contextlib.suppress(Exception):
                 await self._connection.close()  # the queue goes with the bench's vhost
         return self.samples
+
+
+LOOP_LAG = "otp_event_loop_lag_seconds"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def loop_lag_buckets(port: int, timeout: float = 5.0) -> dict[float, float]:
+    """A worker's ``otp_event_loop_lag_seconds`` from its ``/metrics``: the cumulative count
+    of each bucket, by its upper bound in seconds (``inf`` is every timer so far)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), timeout)  # it closes when done
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise BenchError(f"/metrics answered {head.splitlines()[0]!r}")
+    return {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        if family.name == LOOP_LAG
+        for sample in family.samples
+        if sample.name == f"{LOOP_LAG}_bucket"
+    }
 
 
 async def wait_replies(

@@ -29,6 +29,8 @@ from bench.harness import (
     Proc,
     broker_pid,
     cpu_seconds_of,
+    free_port,
+    loop_lag_buckets,
     own_cpu_seconds,
     wait_replies,
 )
@@ -407,9 +409,17 @@ class Bench:
         result.notes.insert(0, share)
 
     async def _paced(
-        self, label: str, proc: Proc, rate: float, seconds: float, warmup: float
+        self,
+        label: str,
+        proc: Proc,
+        rate: float,
+        seconds: float,
+        warmup: float,
+        metrics_port: int | None = None,
     ) -> dict[str, Any]:
-        """Offers ``rate`` issue commands/s to a running ``proc``; reply latencies in ms."""
+        """Offers ``rate`` issue commands/s to a running ``proc``; reply latencies in ms.
+
+        With ``metrics_port`` (a worker's), also how late its event loop ran while it did."""
         total = max(1, round(rate * seconds))
         prefix = f"{label}-{self.run_id}:"
         items = issue_items(prefix, f"{label}-{self.run_id}", total)
@@ -420,6 +430,7 @@ class Bench:
         probe = BrokerProbe(self.amqp_url)
         try:
             await broker.wait_consuming(proc)
+            lag_before = await loop_lag_buckets(metrics_port) if metrics_port else None
             await probe.start()
             replies.reset(prefix, total)
             self.log(f"  {label}: offering {rate:,.0f} commands/s for {seconds:g} s to {proc.name}")
@@ -436,6 +447,11 @@ class Bench:
             await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
             cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
             span = time.perf_counter() - start
+            lag = (
+                loop_lag_figures(lag_before, await loop_lag_buckets(metrics_port))
+                if metrics_port and lag_before is not None
+                else None
+            )
         finally:
             probed = await probe.stop()
             exit_code = await proc.stop()
@@ -481,6 +497,7 @@ class Bench:
             "statuses": dict(statuses),
             "exit_code": exit_code,
             "probe": probe_figures(round_trips, probe.error),
+            **({"loop_lag": lag} if lag is not None else {}),
             **cpu,
         }
         shares = ", ".join(
@@ -492,6 +509,7 @@ class Bench:
             f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"max {figures['max_ms']:.1f} ms; p99 by {LATENCY_WINDOW:g} s window "
             f"{figures['p99_by_window_ms']}; CPU {shares}; {probe_text(figures['probe'])}"
+            + (f"; {loop_lag_text(lag)}" if lag is not None else "")
         )
         return figures
 
@@ -505,9 +523,11 @@ class Bench:
         raw = await self._paced(
             "latraw", self.raw(self.new_dir("latency-raw")), rate, seconds, warmup
         )
-        figures = await self._paced(
-            "lat", self.worker(self.new_dir("latency")), rate, seconds, warmup
+        port = free_port()
+        worker = self.worker(
+            self.new_dir("latency"), OTP_METRICS_PORT=str(port), OTP_METRICS_HOST="127.0.0.1"
         )
+        figures = await self._paced("lat", worker, rate, seconds, warmup, metrics_port=port)
         p50, p99 = figures["p50_ms"], figures["p99_ms"]
         result.rate = figures["offered_rate"]
         result.target, result.met = "p99 <= 50 ms", p99 <= 50.0
@@ -519,6 +539,7 @@ class Bench:
             f"p99 {raw['p99_ms']:.1f} ms",
             f"{figures['measured']} replies after {warmup:g} s warm-up",
             f"{probe_text(figures['probe'])} (raw run: {probe_text(raw['probe'])})",
+            loop_lag_text(figures["loop_lag"]),
         ]
         result.data = {**figures, "ceiling": raw}
         if figures["statuses"] != {"issued": figures["commands"]}:
@@ -710,6 +731,31 @@ def probe_text(probe: dict[str, Any]) -> str:
     return (
         f"broker probe {probe['samples']} round trips: p50 {probe['p50_ms']:.1f} ms, "
         f"max {probe['max_ms']:.1f} ms, {probe['over_50_ms']} over 50 ms{broke}"
+    )
+
+
+def loop_lag_figures(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """The worker's loop-lag timers between two scrapes: how many, how many late by over
+    25 and 100 ms, and the bucket the latest of them fell in."""
+    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
+    timers = counts.get(float("inf"), 0.0)
+    within = [bound for bound, n in counts.items() if n >= timers]
+    return {
+        "timers": int(timers),
+        "over_25_ms": int(timers - counts.get(0.025, timers)),
+        "over_100_ms": int(timers - counts.get(0.1, timers)),
+        "max_at_most_ms": within[0] * 1000 if within and timers else None,
+    }
+
+
+def loop_lag_text(lag: dict[str, Any]) -> str:
+    if not lag["timers"]:
+        return "worker loop lag: no timer ran"
+    worst = lag["max_at_most_ms"]
+    return (
+        f"worker loop lag {lag['timers']} timers: {lag['over_25_ms']} late by over 25 ms, "
+        f"{lag['over_100_ms']} by over 100 ms, the latest "
+        + (f"by at most {worst:g} ms" if worst != float("inf") else "by over 10 s")
     )
 
 

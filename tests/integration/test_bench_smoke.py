@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bench.harness import BrokerProbe
-from bench.scenarios import probe_figures, probe_text
+from bench.scenarios import loop_lag_figures, loop_lag_text, probe_figures, probe_text
 from tests.proxy import proxied
 from tests.support import ROOT
 
@@ -48,6 +48,10 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     probe = re.search(r"broker probe (\d+) round trips: p50 [\d.]+ ms, max [\d.]+ ms", worker_line)
     assert probe is not None, worker_line
     assert int(probe.group(1)) >= 20
+    # So did the worker's own loop-lag timers, read from its /metrics before and after.
+    lag = re.search(r"worker loop lag (\d+) timers: \d+ late by over 25 ms", worker_line)
+    assert lag is not None, worker_line
+    assert int(lag.group(1)) >= 20
     row = next(line for line in out.splitlines() if line.startswith("latency "))
     assert "(raw run: broker probe " in row
 
@@ -104,3 +108,15 @@ def test_quick_prestored_run_brings_its_own_empty_store_baseline() -> None:
     row = next(line for line in out.splitlines() if line.startswith("prestored "))
     assert "empty store, before/after" in row and "empty store just before and after" in row
     assert "2,000 codes + replies stored" in row and "events 500" in row
+
+
+def test_loop_lag_figures_count_only_the_timers_between_the_scrapes() -> None:
+    inf = float("inf")
+    before = {0.001: 4, 0.025: 5, 0.1: 5, 0.25: 5, inf: 5}
+    after = {0.001: 14, 0.025: 18, 0.1: 19, 0.25: 20, inf: 20}
+    lag = loop_lag_figures(before, after)
+    assert lag == {"timers": 15, "over_25_ms": 2, "over_100_ms": 1, "max_at_most_ms": 250.0}
+    assert loop_lag_text(lag).endswith(
+        "2 late by over 25 ms, 1 by over 100 ms, the latest by at most 250 ms"
+    )
+    assert loop_lag_text(loop_lag_figures(after, after)) == "worker loop lag: no timer ran"
