@@ -142,6 +142,14 @@ class Worker:
         )
         await self._parking.start()
         self._spawn(self._sweep_forever, "sweeper")
+        policy = s.policy()
+        if policy.reveal_clients and not policy.reveal_broker_users:
+            # Not refused: the contract allows it, and tests and trusted back-ends use it.
+            log.warning(
+                "reveal is allowed on the client field alone, which any producer can set; "
+                "set OTP_REVEAL_BROKER_USERS to tie it to the broker users that may reveal",
+                reveal_clients=sorted(policy.reveal_clients),
+            )
         log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
 
     def _observe_command(self, routing_key: str, outcome: Handled | Rejection, t: float) -> None:

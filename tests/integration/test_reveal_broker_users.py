@@ -15,6 +15,7 @@ import aio_pika
 import orjson
 import pytest
 from aiormq.exceptions import ChannelPreconditionFailed
+from structlog.testing import capture_logs
 
 from contracts.client import OtpClient
 from contracts.topology import COMMANDS_EXCHANGE, ERROR_TYPE_HEADER
@@ -68,6 +69,23 @@ async def test_only_a_listed_broker_user_gets_the_code(
     parked = await drain_dead_letters(amqp_url)
     assert [m.headers[ERROR_TYPE_HEADER] for m in parked] == ["reveal_not_permitted"] * 3
     assert [m.user_id for m in parked] == [None] * 3
+
+
+@pytest.mark.parametrize("broker_users", ["", "svc-qa"])
+async def test_reveal_on_the_client_field_alone_is_warned_about_at_start(
+    start_worker: WorkerFactory, broker_users: str
+) -> None:
+    with capture_logs() as logs:
+        await start_worker(reveal_clients="test-app", reveal_broker_users=broker_users)
+    warned = [e for e in logs if e["event"].startswith("reveal is allowed on the client field")]
+    assert [e["reveal_clients"] for e in warned] == ([] if broker_users else [["test-app"]])
+
+
+async def test_no_reveal_no_warning(start_worker: WorkerFactory) -> None:
+    with capture_logs() as logs:
+        await start_worker()
+    assert not [e for e in logs if e["event"].startswith("reveal")]
+    assert [e for e in logs if e["event"] == "worker consuming"]
 
 
 async def test_the_broker_refuses_a_user_id_that_is_not_the_publishers(
