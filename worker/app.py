@@ -172,6 +172,26 @@ class Worker:
     def broker_consumers(self) -> int:
         return self._watchdog.broker_consumers if self._watchdog is not None else 0
 
+    @property
+    def broker_messages(self) -> int:
+        """Commands waiting in the queue, as the broker counted at the last consumer check."""
+        return self._watchdog.broker_messages if self._watchdog is not None else 0
+
+    async def dead_letters(self) -> int:
+        """Messages waiting in ``otp.dead-letter``, asked on a plain channel of its own: a
+        passive declare of a queue that is gone closes its channel, which must be neither a
+        consuming one nor a robust one (aio-pika would reopen that, racing our close)."""
+        transport = self.connection.transport if self.connection is not None else None
+        if transport is None:
+            raise ConnectionError("not connected to the broker")
+        channel = await transport.connection.channel()
+        try:
+            declared = await channel.queue_declare(DEAD_LETTERS.name, passive=True, timeout=5)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return declared.message_count or 0
+
     async def consuming(self) -> bool:
         """True when our consumer is registered on a live channel and the broker counts it."""
         return self._watchdog is not None and await self._watchdog.consuming()

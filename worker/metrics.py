@@ -13,6 +13,9 @@ Worker series (sampled ones are refreshed on each scrape, so an idle worker cost
 - ``otp_outbox_oldest_age_seconds`` gauge (sampled): age of the oldest of them, the relay lag
 - ``otp_consuming`` gauge (sampled): 1 while our consumer is registered on a live channel
 - ``otp_command_queue_consumers`` gauge (sampled): consumers the broker counts on the queue
+- ``otp_command_queue_messages`` gauge (sampled): commands waiting there, not yet delivered
+- ``otp_dead_letter_messages`` gauge (sampled): messages waiting in ``otp.dead-letter`` for an
+  operator (NaN while the queue cannot be read)
 - ``otp_event_loop_lag_seconds`` histogram (both processes): how late the event loop runs a
   timer due every 50 ms, while the metrics server runs
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -114,6 +118,16 @@ class WorkerMetrics:
             "Consumers the broker counts on the command queue",
             registry=r,
         )
+        self.queue_messages = Gauge(
+            "otp_command_queue_messages",
+            "Commands waiting in the command queue, not yet delivered to a worker",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "otp_dead_letter_messages",
+            "Messages waiting in otp.dead-letter for an operator",
+            registry=r,
+        )
         self.loop_lag = LoopLag(r)
 
     def observe_command(
@@ -130,6 +144,11 @@ class WorkerMetrics:
         """Reads what is cheaper to ask on scrape than to track: outbox and consumer state."""
         self.consuming.set(1 if await worker.consuming() else 0)
         self.queue_consumers.set(worker.broker_consumers)
+        self.queue_messages.set(worker.broker_messages)
+        try:
+            self.dead_letters.set(await worker.dead_letters())
+        except Exception:  # gone, or no broker: no number is better than an old one
+            self.dead_letters.set(math.nan)
         if worker.store is None:
             return
         with contextlib.suppress(Exception):  # a dead store shows in /readyz, not as a 500

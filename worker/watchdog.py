@@ -92,6 +92,8 @@ class ConsumerWatchdog:
         self.tag: str | None = None
         self.restores = 0
         self.broker_consumers = 0
+        self.broker_messages = 0
+        """Consumers and ready messages the broker counted on the queue at the last check."""
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -103,19 +105,19 @@ class ConsumerWatchdog:
     async def consuming(self) -> bool:
         """True when our consumer is registered on a live channel and the broker counts a
         consumer on the queue (AMQP tells how many, not whose: with several replicas
-        another's counts too; the channel's own registry is what speaks for ours)."""
+        another's counts too; the channel's own registry is what speaks for ours). The queue
+        is counted also when ours is gone: its backlog matters most then."""
         if self.tag is None or self._connection.is_closed or self.queue.channel.is_closed:
             return False
         try:
             async with asyncio.timeout(2):
                 channel = await self.queue.channel.get_underlay_channel()
-            if self.tag not in getattr(channel, "consumers", {}):
-                return False
             declared = await channel.queue_declare(self.queue.name, passive=True, timeout=5)
         except Exception:
             return False
         self.broker_consumers = declared.consumer_count or 0
-        return bool(declared.consumer_count)
+        self.broker_messages = declared.message_count or 0
+        return self.tag in getattr(channel, "consumers", {}) and bool(declared.consumer_count)
 
     async def cancel_consumer(self) -> None:
         """Stops deliveries (shutdown): the watchdog stops first, so it will not restore them."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from contracts.topology import DEAD_LETTER_QUEUE
 from tests.conftest import WorkerFactory
 from tests.support import cancel_parking_consumer, producer
 from worker.app import Worker
@@ -83,6 +85,8 @@ async def test_commands_are_counted_by_type_and_status(
     assert count(samples, "otp_command_duration_seconds_count", command="confirm") == 2
     assert count(samples, "otp_consuming") == 1
     assert count(samples, "otp_command_queue_consumers") == 1
+    assert count(samples, "otp_command_queue_messages") == 0
+    assert count(samples, "otp_dead_letter_messages") == 1  # the rejected "{", parked
     relayed = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 0)
     assert count(relayed, "otp_outbox_oldest_age_seconds") == 0
 
@@ -151,6 +155,24 @@ async def test_ready_until_the_consumer_is_cancelled(start_worker: WorkerFactory
     assert await get(port, "/readyz") == 503
     assert await get(port, "/healthz") == 200
     assert count(await scrape(port), "otp_consuming") == 0
+
+
+async def test_commands_waiting_for_a_lost_consumer_and_gone_dead_letters_show(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    worker, port = await start(start_worker, consumer_check_seconds=3600)
+    assert worker._queue is not None and worker._tag is not None
+    await worker._queue.cancel(worker._tag)
+    async with producer(amqp_url) as otp:
+        for n in range(3):
+            await otp.send("code.issue", {"command_id": f"w{n}", "user": "w", "client": "c"})
+        samples = await scrape_until(port, lambda s: count(s, "otp_command_queue_messages") == 3)
+        assert count(samples, "otp_consuming") == 0
+        assert count(samples, "otp_dead_letter_messages") == 0
+        await otp.channel.queue_delete(DEAD_LETTER_QUEUE)
+    gone = await scrape(port)
+    assert math.isnan(count(gone, "otp_dead_letter_messages"))
+    assert count(gone, "otp_command_queue_messages") == 3  # the worker's channels are unharmed
 
 
 async def test_not_ready_while_the_parking_consumer_is_lost(start_worker: WorkerFactory) -> None:
