@@ -22,6 +22,7 @@ from typing import Any
 import aio_pika
 import aiormq.exceptions
 import orjson
+import promql_parser
 import pytest
 import yaml
 
@@ -384,7 +385,8 @@ def test_dockerfile_builds_one_non_root_image() -> None:
     assert f"EXPOSE {metrics_port.group(1)}" in lines
 
 
-def test_dashboard_queries_only_exported_metrics() -> None:
+def exported_series() -> set[str]:
+    """Every series name the worker and the notifier put on /metrics."""
     exported: set[str] = set()
     for registry in (WorkerMetrics().registry, NotifierMetrics().registry):
         for family in registry.collect():
@@ -394,15 +396,60 @@ def test_dashboard_queries_only_exported_metrics() -> None:
                 "gauge": ("",),
             }[family.type]
             exported |= {family.name + s for s in suffixes}
+    return exported
+
+
+def series_of(expr: str) -> set[str]:
+    """The series a PromQL expression selects; a syntax error fails the test."""
+    names: set[str] = set()
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    exported = exported_series()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    used = {name for expr in exprs for name in re.findall(r"\botp_[a-z_]+", expr)}
+    used = {name for expr in exprs for name in series_of(expr)}
     assert used
     assert used <= exported, used - exported
     assert {"otp_consuming", "otp_notifier_consuming"} <= used
     # Every worker reports the whole outbox table: a sum over workers would multiply it.
     summed_outbox = [e for e in exprs if re.search(r"\bsum\b[^()]*\(\s*otp_outbox_", e)]
     assert not summed_outbox
+
+
+def test_alert_rules_parse_and_watch_only_exported_metrics() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    (group,) = rules["groups"]
+    alerts = group["rules"]
+    names = [rule["alert"] for rule in alerts]
+    assert len(names) == len(set(names))
+    used: set[str] = set()
+    for rule in alerts:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"])
+        used |= series_of(rule["expr"])
+    assert used <= exported_series(), used - exported_series()
+    # What the README tells an operator to alert on, each watched by a rule.
+    assert {
+        "otp_consuming",
+        "otp_notifier_consuming",
+        "otp_outbox_oldest_age_seconds",
+        "otp_store_retries_total",
+        "otp_dead_letter_messages",
+        "otp_command_queue_messages",
+        "otp_commands_total",
+        "otp_deliveries_total",
+        "otp_event_loop_lag_seconds_bucket",
+    } <= used
 
 
 async def test_notifier_runs_with_only_the_notifier_users_rights(
