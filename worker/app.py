@@ -116,10 +116,11 @@ class Worker:
             CodeHasher(self.keys.secret, self.keys.secret_previous),
             Sealer(self.keys.delivery, self.keys.delivery_previous),
         )
+        policy = s.policy()
         self.consumer = CommandConsumer(
             store=self.store,
-            handler=CommandHandler(s.policy(), crypto),
-            policy=s.policy(),
+            handler=CommandHandler(policy, crypto),
+            policy=policy,
             replies=Publisher(replies),
             dead_letters=dead_letters,
             relay=self.relay,
@@ -142,7 +143,6 @@ class Worker:
         )
         await self._parking.start()
         self._spawn(self._sweep_forever, "sweeper")
-        policy = s.policy()
         if policy.reveal_clients and not policy.reveal_broker_users:
             # Not refused: the contract allows it, and tests and trusted back-ends use it.
             log.warning(
