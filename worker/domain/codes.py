@@ -49,6 +49,10 @@ class CodeHasher:
         """A keyed, stable stand-in for a personal value (destinations in rate-limit rows)."""
         return _pseudonym(self._current, purpose, value)
 
+    @property
+    def has_previous_keys(self) -> bool:
+        return len(self._keys) > 1
+
     def earlier_pseudonyms(self, purpose: str, value: str) -> list[str]:
         """The value's pseudonyms under the previous keys: rows written before a rotation
         still name it so (an empty list when there was none)."""
