@@ -41,6 +41,7 @@ from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
     DeliveryError,
     PublishError,
 )
@@ -117,6 +118,12 @@ class OtpRefused(OtpNoReply):
         self.command_id = command_id
 
 
+class OtpBrokerUserRefused(OtpError):
+    """The broker refused a reveal's ``user_id``: it is not the user this connection logged
+    in as (RabbitMQ checks). Nothing was queued; the same command fails the same way until
+    ``broker_user`` names the connection's own user."""
+
+
 class OtpUnroutable(OtpError):
     """The broker had no queue for the command: no worker has ever declared its queue."""
 
@@ -188,9 +195,14 @@ class OtpClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT
+        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, broker_user: str | None = None
     ) -> AsyncIterator[OtpClient]:
-        """``async with OtpClient.connect(url) as otp:`` — closes the connection on exit."""
+        """``async with OtpClient.connect(url) as otp:`` — closes the connection on exit.
+
+        ``broker_user`` is the user the broker logs this connection in as, sent as
+        ``user_id`` with a reveal; by default the URL's login. With ``auth=external`` the
+        broker takes it from the client's certificate and the URL does not say it: pass it
+        here, or a reveal carries no ``user_id``."""
         connection = await connect_robust(url, name="otp-client", timeout=timeout)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -202,7 +214,7 @@ class OtpClient:
                 commands,
                 replies,
                 timeout=timeout,
-                broker_user=broker_user_of(make_url(url)),
+                broker_user=broker_user or broker_user_of(make_url(url)),
             )
             await client._consume_replies()
             # The robust channel reopens after a lost connection and after a channel error
@@ -342,6 +354,18 @@ class OtpClient:
             )
         except (AMQPConnectionError, ChannelInvalidStateError, ConnectionError):
             raise _Lost from None
+        except ChannelPreconditionFailed as exc:
+            if message.user_id is None or "user_id" not in str(exc):
+                raise
+            # The broker closed the channel; the robust channel reopens it and consumes
+            # direct reply-to again (``_on_reconnected``). Until then the next call waits.
+            if self._channel.is_closed:
+                self._ready.clear()
+            raise OtpBrokerUserRefused(
+                f"the broker refused {routing_key!r} (command_id {command.command_id}) "
+                f"with user_id {message.user_id!r}: {exc.args[0] if exc.args else exc}; "
+                "pass broker_user= the user this connection logs in as"
+            ) from None
         except PublishError as exc:
             raise OtpUnroutable(
                 f"no queue takes {routing_key!r} on {COMMANDS_EXCHANGE}: has a worker ever run "
@@ -468,6 +492,7 @@ def _parse_reply(message: AbstractIncomingMessage, reply_type: type[ReplyT]) -> 
 __all__ = [
     "EventStream",
     "OtpBadReply",
+    "OtpBrokerUserRefused",
     "OtpClient",
     "OtpConnectionLost",
     "OtpError",

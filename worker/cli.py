@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--ttl", type=int, dest="ttl_seconds", metavar="SECONDS")
     issue.add_argument("--force-new", action="store_true")
     issue.add_argument("--reveal", action="store_true", help="return the plaintext code")
+    issue.add_argument(
+        "--broker-user",
+        metavar="NAME",
+        help="the broker user this connection logs in as, sent with --reveal "
+        "(default: the URL's login; needed with auth=external)",
+    )
     issue.add_argument("--locale", default="en")
     issue.add_argument("--context", action="append", type=_pair, default=[], metavar="K=V")
     issue.set_defaults(handler=commands.issue)

@@ -82,7 +82,8 @@ async def issue(args: argparse.Namespace) -> int:
         force_new=args.force_new,
         reveal=args.reveal,
     )
-    async with OtpClient.connect(_amqp_url(args), timeout=args.timeout) as otp:
+    url = _amqp_url(args)
+    async with OtpClient.connect(url, timeout=args.timeout, broker_user=args.broker_user) as otp:
         reply = await otp.call(ISSUE_ROUTING_KEY, command, IssueResult, retries=args.retries)
     _emit(args, reply.to_wire(), _reply_line(reply))
     return 0 if reply.status == "issued" else 1

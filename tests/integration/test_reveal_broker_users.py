@@ -7,8 +7,10 @@ broker against the publishing connection's login, so it is what a reveal can be 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -17,10 +19,11 @@ import pytest
 from aiormq.exceptions import ChannelPreconditionFailed
 from structlog.testing import capture_logs
 
-from contracts.client import OtpClient
+from contracts.client import OtpBrokerUserRefused, OtpClient
 from contracts.topology import COMMANDS_EXCHANGE, ERROR_TYPE_HEADER
 from tests.conftest import WorkerFactory
 from tests.integration.test_bad_input import drain_dead_letters
+from tests.integration.test_cli import assert_one_error_line, cli_env, otp
 from tests.support import AUDIT, broker_user, producer
 
 
@@ -104,3 +107,42 @@ async def test_the_broker_refuses_a_user_id_that_is_not_the_publishers(
         with pytest.raises(ChannelPreconditionFailed, match="user_id"):
             await exchange.publish(forged, routing_key="code.issue", timeout=15)
         assert guest.reply_messages == []
+
+
+async def test_a_client_names_its_broker_user_where_the_url_does_not(
+    amqp_url: str, listed_user: tuple[str, str]
+) -> None:
+    """With ``auth=external`` the URL has no login; ``broker_user=`` says what the broker
+    will call the connection. Here a plain login stands in for the certificate's name."""
+    async with OtpClient.connect(listed_user[1], broker_user=listed_user[0]) as otp:
+        issued = await otp.issue(user="carol", client="test-app", channel="none", reveal=True)
+        assert issued.status == "issued" and issued.code is not None
+
+
+async def test_a_wrong_broker_user_is_refused_by_the_broker_in_one_clear_error(
+    amqp_url: str, listed_user: tuple[str, str]
+) -> None:
+    async with OtpClient.connect(amqp_url, broker_user=listed_user[0], timeout=5) as otp:
+        with pytest.raises(OtpBrokerUserRefused, match=listed_user[0]) as refused:
+            await otp.issue(
+                user="mallory", client="test-app", channel="none", reveal=True, retries=2
+            )
+        assert "guest" in str(refused.value)
+        # The channel the broker closed is reopened: the client goes on working.
+        plain = await otp.issue(user="mallory", client="test-app", channel="none")
+        assert plain.status == "issued" and plain.code is None
+
+
+async def test_the_cli_names_its_broker_user_and_reports_a_wrong_one_in_one_line(
+    amqp_url: str, listed_user: tuple[str, str], tmp_path: Path
+) -> None:
+    scope = ("--user", "dave", "--client", "test-app", "--reveal", "--json")
+    named = ("--broker-user", listed_user[0])
+    issued = await otp("issue", *scope, *named, env=cli_env(listed_user[1]), cwd=tmp_path)
+    assert issued.rc == 0, issued
+    assert json.loads(issued.out)["code"].isdigit()
+
+    refused = await otp("issue", *scope, *named, env=cli_env(amqp_url), cwd=tmp_path)
+    assert_one_error_line(refused, 1, "otp: the broker refused 'code.issue'")
+    assert f"user_id '{listed_user[0]}'" in refused.err
+    assert "authenticated user was 'guest'" in refused.err
