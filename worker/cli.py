@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())  # aio-pika's warnings are not ours
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "broker_user", None) and not args.reveal:
+            raise UsageError("--broker-user is only sent with --reveal: add --reveal, or drop it")
         if not hasattr(args, "handler"):
             build_parser().print_help(sys.stderr)
             return 2

@@ -130,6 +130,9 @@ async def test_bad_arguments_are_one_line(amqp_url: str, tmp_path: Path) -> None
     context = await otp("issue", "--user", "a", "--client", "c", "--context", "novalue",
                         env=env, cwd=tmp_path)  # fmt: skip
     assert_one_error_line(context, 2, "otp: argument --context")
+    unused = await otp("issue", "--user", "a", "--client", "c", "--broker-user", "shop",
+                       env=env, cwd=tmp_path)  # fmt: skip
+    assert_one_error_line(unused, 2, "otp: --broker-user is only sent with --reveal")
 
 
 async def test_config_error_is_one_line(tmp_path: Path) -> None:
