@@ -109,19 +109,13 @@ async def test_the_broker_refuses_a_user_id_that_is_not_the_publishers(
         assert guest.reply_messages == []
 
 
-async def test_a_client_names_its_broker_user_where_the_url_does_not(
+async def test_a_named_broker_user_is_sent_and_a_wrong_one_refused_in_one_clear_error(
     amqp_url: str, listed_user: tuple[str, str]
 ) -> None:
-    """With ``auth=external`` the URL has no login; ``broker_user=`` says what the broker
-    will call the connection. Here a plain login stands in for the certificate's name."""
-    async with OtpClient.connect(listed_user[1], broker_user=listed_user[0]) as otp:
-        issued = await otp.issue(user="carol", client="test-app", channel="none", reveal=True)
-        assert issued.status == "issued" and issued.code is not None
-
-
-async def test_a_wrong_broker_user_is_refused_by_the_broker_in_one_clear_error(
-    amqp_url: str, listed_user: tuple[str, str]
-) -> None:
+    """``broker_user=`` is for ``auth=external``, where the URL has no login. With a plain
+    login only that login is valid, so naming another user over guest's connection shows both
+    that the name is what gets sent (the URL's login would get ``reveal_not_permitted``) and
+    how a wrong one ends."""
     async with OtpClient.connect(amqp_url, broker_user=listed_user[0], timeout=5) as otp:
         with pytest.raises(OtpBrokerUserRefused, match=listed_user[0]) as refused:
             await otp.issue(
