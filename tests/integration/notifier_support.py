@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,18 +17,12 @@ import aio_pika
 import orjson
 from aiosmtpd.controller import Controller
 
+from bench.harness import free_port
 from contracts.topology import EVENTS_EXCHANGE
 from tests.support import TEST_DELIVERY_KEY
 from worker.amqp import Publisher, json_properties
 from worker.domain.sealing import Sealer
 from worker.notifier.transports import SmtpConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_until(predicate: Callable[[], bool], changed: asyncio.Event, timeout: float) -> None:

@@ -332,16 +332,12 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(
 
 async def commands_left(url: str) -> list[str]:
     """The command_id of every command waiting in the queue (taken unacked: they stay)."""
-    connection = await aio_pika.connect(url)
-    try:
-        channel = await connection.channel()
+    async with channel_on(url) as channel:
         queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
         left = []
         while (message := await queue.get(fail=False)) is not None:
             left.append(orjson.loads(message.body)["command_id"])
         return left
-    finally:
-        await connection.close()
 
 
 async def outbox_backlog(database_url: str) -> int:
