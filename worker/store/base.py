@@ -6,7 +6,7 @@ and writes all their effects at once, so one commit serves many commands (group 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +57,15 @@ class OutboxEvent:
 class OutboxRow:
     id: int
     event: OutboxEvent
+
+
+def claimed_rows(rows: Iterable[Sequence[Any]]) -> list[OutboxRow]:
+    """A claim's ``RETURNING id, event_id, routing_key, body, type`` rows, by id (``RETURNING``
+    promises no order)."""
+    return sorted(
+        (OutboxRow(r[0], OutboxEvent(r[1], r[2], bytes(r[3]), r[4])) for r in rows),
+        key=lambda row: row.id,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,11 @@ from typing import Any
 import asyncpg
 
 from worker.store.base import (
-    OutboxEvent,
     OutboxRow,
     StoreRefused,
     SweepResult,
     TransientStoreError,
+    claimed_rows,
 )
 from worker.store.migrations import migrations
 from worker.store.postgres_transaction import PostgresTransaction
@@ -135,10 +135,7 @@ class PostgresStore:
                 after_id,
                 limit,
             )
-        return sorted(
-            (OutboxRow(r[0], OutboxEvent(r[1], r[2], bytes(r[3]), r[4])) for r in rows),
-            key=lambda row: row.id,
-        )
+        return claimed_rows(rows)
 
     async def delete_outbox(self, ids: Collection[int]) -> None:
         if not ids:

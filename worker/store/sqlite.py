@@ -19,11 +19,11 @@ import aiosqlite
 
 from worker.log import get_logger
 from worker.store.base import (
-    OutboxEvent,
     OutboxRow,
     StoreRefused,
     SweepResult,
     TransientStoreError,
+    claimed_rows,
 )
 from worker.store.migrations import migrations
 from worker.store.sqlite_transaction import (
@@ -147,10 +147,7 @@ class SqliteStore:
                 "RETURNING id, event_id, routing_key, body, type",
                 (ts(now) + lease_seconds, ignore_leases, ts(now), after_id, limit),
             )
-        return sorted(
-            (OutboxRow(r[0], OutboxEvent(r[1], r[2], r[3], r[4])) for r in rows),
-            key=lambda row: row.id,
-        )
+        return claimed_rows(rows)
 
     async def delete_outbox(self, ids: Collection[int]) -> None:
         if not ids:
