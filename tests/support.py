@@ -18,7 +18,14 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from yarl import URL
 
-from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from contracts.topology import (
+    COMMAND_QUEUE,
+    COMMAND_QUEUE_SPEC,
+    COMMANDS_EXCHANGE,
+    DEAD_LETTERS,
+    EVENTS_EXCHANGE,
+)
+from worker.amqp import declare_exchanges, declare_queue
 
 if TYPE_CHECKING:
     from worker.app import Worker
@@ -250,3 +257,27 @@ async def consumers_of(url: str, queue: str) -> int:
         return declared.declaration_result.consumer_count or 0
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def channel_on(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(url)
+    try:
+        yield await connection.channel()
+    finally:
+        await connection.close()
+
+
+async def declare_topology(url: str, *, with_queue: bool = True) -> None:
+    """What a worker leaves behind when it is not running: exchanges and, maybe, its queue."""
+    async with channel_on(url) as channel:
+        await declare_exchanges(channel)
+        if with_queue:
+            await declare_queue(channel, DEAD_LETTERS)
+            await declare_queue(channel, COMMAND_QUEUE_SPEC)
+
+
+async def queued_commands(url: str) -> int:
+    async with channel_on(url) as channel:
+        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
+        return queue.declaration_result.message_count or 0

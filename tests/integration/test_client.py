@@ -8,8 +8,7 @@ import subprocess
 import sys
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,40 +27,12 @@ from contracts.client import (
 )
 from contracts.events import CodeConfirmed, CodeIssued
 from contracts.topology import (
-    COMMAND_QUEUE,
-    COMMAND_QUEUE_SPEC,
     COMMANDS_EXCHANGE,
-    DEAD_LETTERS,
     EVENTS_EXCHANGE,
 )
 from tests.conftest import WorkerFactory
 from tests.proxy import proxied
-from tests.support import ROOT
-from worker.amqp import declare_exchanges, declare_queue
-
-
-@asynccontextmanager
-async def channel_on(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
-    connection = await aio_pika.connect(url)
-    try:
-        yield await connection.channel()
-    finally:
-        await connection.close()
-
-
-async def declare_topology(url: str, *, with_queue: bool = True) -> None:
-    """What a worker leaves behind when it is not running: exchanges and, maybe, its queue."""
-    async with channel_on(url) as channel:
-        await declare_exchanges(channel)
-        if with_queue:
-            await declare_queue(channel, DEAD_LETTERS)
-            await declare_queue(channel, COMMAND_QUEUE_SPEC)
-
-
-async def queued_commands(url: str) -> int:
-    async with channel_on(url) as channel:
-        queue = await channel.declare_queue(COMMAND_QUEUE, passive=True)
-        return queue.declaration_result.message_count or 0
+from tests.support import ROOT, channel_on, declare_topology, queued_commands
 
 
 async def unacked_events(url: str) -> int:

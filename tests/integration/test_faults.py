@@ -22,14 +22,16 @@ from contracts.topology import (
     UNDELIVERABLE_QUEUE,
 )
 from tests.conftest import WorkerFactory
-from tests.integration.test_client import channel_on, declare_topology, queued_commands
 from tests.proxy import proxied
 from tests.support import (
     Producer,
     cancel_parking_consumer,
+    channel_on,
     consumers_of,
+    declare_topology,
     event_log,
     producer,
+    queued_commands,
     worker_env,
 )
 from worker.amqp import declare_queue
