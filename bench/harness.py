@@ -486,6 +486,7 @@ class BrokerProbe:
 
 
 LOOP_LAG = "otp_event_loop_lag_seconds"
+BATCH_SIZE = "otp_command_batch_size"
 
 
 def free_port() -> int:
@@ -494,9 +495,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def loop_lag_buckets(port: int, timeout: float = 5.0) -> dict[float, float]:
-    """A worker's ``otp_event_loop_lag_seconds`` from its ``/metrics``: the cumulative count
-    of each bucket, by its upper bound in seconds (``inf`` is every timer so far)."""
+@dataclass(frozen=True)
+class WorkerScrape:
+    """What the bench reads off a worker's ``/metrics``."""
+
+    lag_buckets: dict[float, float]
+    """``otp_event_loop_lag_seconds``: the cumulative count of each bucket, by its upper bound
+    in seconds (``inf`` is every timer so far)."""
+    batches: float
+    """``otp_command_batch_size_count``: batches taken so far."""
+    batched: float
+    """``otp_command_batch_size_sum``: deliveries in them."""
+
+
+async def scrape_worker(port: int, timeout: float = 5.0) -> WorkerScrape:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
@@ -507,13 +519,17 @@ async def loop_lag_buckets(port: int, timeout: float = 5.0) -> dict[float, float
     head, _, body = response.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise BenchError(f"/metrics answered {head.splitlines()[0]!r}")
-    return {
-        float(sample.labels["le"]): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        if family.name == LOOP_LAG
-        for sample in family.samples
-        if sample.name == f"{LOOP_LAG}_bucket"
-    }
+    lag: dict[float, float] = {}
+    batches = batched = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == f"{LOOP_LAG}_bucket":
+                lag[float(sample.labels["le"])] = sample.value
+            elif sample.name == f"{BATCH_SIZE}_count":
+                batches = sample.value
+            elif sample.name == f"{BATCH_SIZE}_sum":
+                batched = sample.value
+    return WorkerScrape(lag, batches, batched)
 
 
 async def wait_replies(

@@ -27,11 +27,12 @@ from bench.harness import (
     BrokerSide,
     Outgoing,
     Proc,
+    WorkerScrape,
     broker_pid,
     cpu_seconds_of,
     free_port,
-    loop_lag_buckets,
     own_cpu_seconds,
+    scrape_worker,
     wait_replies,
 )
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY
@@ -430,7 +431,7 @@ class Bench:
         probe = BrokerProbe(self.amqp_url)
         try:
             await broker.wait_consuming(proc)
-            lag_before = await loop_lag_buckets(metrics_port) if metrics_port else None
+            scraped = await scrape_worker(metrics_port) if metrics_port else None
             await probe.start()
             replies.reset(prefix, total)
             self.log(f"  {label}: offering {rate:,.0f} commands/s for {seconds:g} s to {proc.name}")
@@ -447,9 +448,9 @@ class Bench:
             await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
             cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
             span = time.perf_counter() - start
-            lag = (
-                loop_lag_figures(lag_before, await loop_lag_buckets(metrics_port))
-                if metrics_port and lag_before is not None
+            inside = (
+                worker_figures(scraped, await scrape_worker(metrics_port), span)
+                if metrics_port and scraped is not None
                 else None
             )
         finally:
@@ -497,7 +498,7 @@ class Bench:
             "statuses": dict(statuses),
             "exit_code": exit_code,
             "probe": probe_figures(round_trips, probe.error),
-            **({"loop_lag": lag} if lag is not None else {}),
+            **(inside or {}),
             **cpu,
         }
         shares = ", ".join(
@@ -509,7 +510,7 @@ class Bench:
             f"  {label}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"max {figures['max_ms']:.1f} ms; p99 by {LATENCY_WINDOW:g} s window "
             f"{figures['p99_by_window_ms']}; CPU {shares}; {probe_text(figures['probe'])}"
-            + (f"; {loop_lag_text(lag)}" if lag is not None else "")
+            + (f"; {worker_text(inside)}" if inside is not None else "")
         )
         return figures
 
@@ -539,7 +540,7 @@ class Bench:
             f"p99 {raw['p99_ms']:.1f} ms",
             f"{figures['measured']} replies after {warmup:g} s warm-up",
             f"{probe_text(figures['probe'])} (raw run: {probe_text(raw['probe'])})",
-            loop_lag_text(figures["loop_lag"]),
+            worker_text(figures),
         ]
         result.data = {**figures, "ceiling": raw}
         if figures["statuses"] != {"issued": figures["commands"]}:
@@ -746,6 +747,36 @@ def loop_lag_figures(before: dict[float, float], after: dict[float, float]) -> d
         "over_100_ms": int(timers - counts.get(0.1, timers)),
         "max_at_most_ms": within[0] * 1000 if within and timers else None,
     }
+
+
+def batch_figures(before: WorkerScrape, after: WorkerScrape, span: float) -> dict[str, Any]:
+    """The worker's batches between two scrapes: how many, a second, and their mean size."""
+    batches, batched = after.batches - before.batches, after.batched - before.batched
+    return {
+        "batches": int(batches),
+        "batches_per_second": round(batches / span, 1) if span else None,
+        "mean_batch": round(batched / batches, 2) if batches else None,
+    }
+
+
+def batch_text(figures: dict[str, Any]) -> str:
+    if not figures["batches"]:
+        return "worker batches: none"
+    return (
+        f"worker batches {figures['batches']:,} ({figures['batches_per_second']:,.0f}/s), "
+        f"{figures['mean_batch']:.1f} commands each on average"
+    )
+
+
+def worker_figures(before: WorkerScrape, after: WorkerScrape, span: float) -> dict[str, Any]:
+    return {
+        "loop_lag": loop_lag_figures(before.lag_buckets, after.lag_buckets),
+        "batches": batch_figures(before, after, span),
+    }
+
+
+def worker_text(figures: dict[str, Any]) -> str:
+    return f"{loop_lag_text(figures['loop_lag'])}; {batch_text(figures['batches'])}"
 
 
 def loop_lag_text(lag: dict[str, Any]) -> str:

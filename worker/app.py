@@ -127,6 +127,7 @@ class Worker:
             batch_size=s.batch_size,
             publish_timeout=s.publish_timeout_seconds,
             observe=self._observe_command,
+            observe_batch=self.metrics.batch_size.observe,
             on_store_retry=self.metrics.store_retries.inc,
             clock=self.clock,
         )

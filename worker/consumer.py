@@ -62,6 +62,7 @@ class CommandConsumer:
         batch_size: int,
         publish_timeout: float,
         observe: Observer | None = None,
+        observe_batch: Callable[[int], None] | None = None,
         on_store_retry: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -74,6 +75,7 @@ class CommandConsumer:
         self._batch_size = batch_size
         self._timeout = publish_timeout
         self._observe = observe
+        self._observe_batch = observe_batch
         self._on_store_retry = on_store_retry
         self._clock = clock
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -95,6 +97,8 @@ class CommandConsumer:
                 while len(batch) < self._batch_size and not self._inbox.empty():
                     batch.append(self._inbox.get_nowait())
                 self._open_batches += 1
+                if self._observe_batch is not None:
+                    self._observe_batch(len(batch))
                 try:
                     prepared = await self._prepare(batch)
                 except asyncio.CancelledError:

@@ -9,6 +9,9 @@ Worker series (sampled ones are refreshed on each scrape, so an idle worker cost
 
 - ``otp_commands_total{command,status}`` counter; ``command`` is ``issue``/``confirm``/``other``
 - ``otp_command_duration_seconds{command}`` histogram, batch receipt to reply
+- ``otp_command_batch_size`` histogram: deliveries taken into one batch (one transaction,
+  one commit, one ack); batches of a few commands at a modest load are the group commit
+  working as meant, and each batch has a fixed cost (bench/RUNS.md, runs 35 and 36)
 - ``otp_outbox_backlog`` gauge (sampled): committed events not yet confirmed by the broker
 - ``otp_outbox_oldest_age_seconds`` gauge (sampled): age of the oldest of them, the relay lag
 - ``otp_consuming`` gauge (sampled): 1 while our consumer is registered on a live channel
@@ -55,6 +58,7 @@ log = get_logger(__name__)
 PROBE_TIMEOUT_SECONDS = 5.0
 _COMMANDS = {"code.issue": "issue", "code.confirm": "confirm"}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LOOP_LAG_INTERVAL_SECONDS = 0.05
 
 
@@ -98,6 +102,12 @@ class WorkerMetrics:
             "From a batch's receipt to its replies, per command",
             ["command"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "otp_command_batch_size",
+            "Deliveries taken into one batch: one transaction, one commit, one ack",
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.store_retries = Counter(

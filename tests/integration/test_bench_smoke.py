@@ -8,8 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.harness import BrokerProbe
-from bench.scenarios import loop_lag_figures, loop_lag_text, probe_figures, probe_text
+from bench.harness import BrokerProbe, WorkerScrape
+from bench.scenarios import (
+    batch_figures,
+    batch_text,
+    loop_lag_figures,
+    loop_lag_text,
+    probe_figures,
+    probe_text,
+)
 from tests.proxy import proxied
 from tests.support import ROOT
 
@@ -52,6 +59,13 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     lag = re.search(r"worker loop lag (\d+) timers: \d+ late by over 25 ms", worker_line)
     assert lag is not None, worker_line
     assert int(lag.group(1)) >= 20
+    # And its batches: ~600 commands at 200/s, each counted in one batch.
+    batches = re.search(
+        r"worker batches ([\d,]+) \([\d,]+/s\), ([\d.]+) commands each", worker_line
+    )
+    assert batches is not None, worker_line
+    assert 1 <= int(batches.group(1).replace(",", "")) <= 600
+    assert float(batches.group(2)) >= 1.0
     row = next(line for line in out.splitlines() if line.startswith("latency "))
     assert "(raw run: broker probe " in row
 
@@ -120,3 +134,11 @@ def test_loop_lag_figures_count_only_the_timers_between_the_scrapes() -> None:
         "2 late by over 25 ms, 1 by over 100 ms, the latest by at most 250 ms"
     )
     assert loop_lag_text(loop_lag_figures(after, after)) == "worker loop lag: no timer ran"
+
+
+def test_batch_figures_count_only_the_batches_between_the_scrapes() -> None:
+    before, after = WorkerScrape({}, 10, 25), WorkerScrape({}, 110, 425)
+    batches = batch_figures(before, after, span=2.0)
+    assert batches == {"batches": 100, "batches_per_second": 50.0, "mean_batch": 4.0}
+    assert batch_text(batches) == "worker batches 100 (50/s), 4.0 commands each on average"
+    assert batch_text(batch_figures(after, after, span=2.0)) == "worker batches: none"

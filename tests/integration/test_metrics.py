@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.topology import DEAD_LETTER_QUEUE
 from tests.conftest import WorkerFactory
-from tests.support import cancel_parking_consumer, producer
+from tests.support import cancel_parking_consumer, declare_topology, producer
 from worker.app import Worker
 from worker.store.sqlite import SqliteStore
 
@@ -83,12 +83,37 @@ async def test_commands_are_counted_by_type_and_status(
     assert count(samples, total, command="confirm", status="invalid") == 1
     assert count(samples, total, command="confirm", status="confirmed") == 1
     assert count(samples, "otp_command_duration_seconds_count", command="confirm") == 2
+    assert count(samples, "otp_command_batch_size_sum") == 5  # each delivery in one batch
     assert count(samples, "otp_consuming") == 1
     assert count(samples, "otp_command_queue_consumers") == 1
     assert count(samples, "otp_command_queue_messages") == 0
     assert count(samples, "otp_dead_letter_messages") == 1  # the rejected "{", parked
     relayed = await scrape_until(port, lambda s: count(s, "otp_outbox_backlog") == 0)
     assert count(relayed, "otp_outbox_oldest_age_seconds") == 0
+
+
+async def test_a_backlog_is_taken_in_batches_and_the_histogram_shows_it(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    """Commands waiting when the worker starts arrive together: fewer batches than commands."""
+    await declare_topology(amqp_url)
+    async with producer(amqp_url) as otp:
+        pending = [
+            await otp.send(
+                "code.issue",
+                {"command_id": f"backlog-{i}", "user": f"b{i}", "client": "a", "channel": "none"},
+            )
+            for i in range(30)
+        ]
+        _, port = await start(start_worker)
+        replies = await asyncio.wait_for(asyncio.gather(*pending), 15)
+    assert {r["status"] for r in replies} == {"issued"}
+    samples = await scrape(port)
+    assert count(samples, "otp_command_batch_size_sum") == 30
+    assert 1 <= count(samples, "otp_command_batch_size_count") < 30
+    assert count(samples, "otp_command_batch_size_bucket", le="512.0") == count(
+        samples, "otp_command_batch_size_count"
+    )
 
 
 def late(samples: Samples, over: str = "0.25") -> float:
