@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts.events import CodeIssued
+from tests.databases import BACKENDS, temporary_database
 from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_queues
 from tests.integration.notifier_support import (
     SmtpServer,
@@ -292,20 +293,29 @@ async def test_rows_of_the_table_before_claims_still_count_as_delivered(
         await store.close()
 
 
-async def test_notifiers_opening_a_new_sqlite_file_together_all_open(tmp_path: Path) -> None:
-    # SQLite refuses the WAL switch and the schema's write lock at once, without the busy
-    # handler, while other connections open the same new file: a few of 100 opens did.
-    for round_ in range(25):
-        url = f"sqlite:///{tmp_path / f'{round_}' / 'otp.db'}"
-        opened = await asyncio.gather(
-            *(open_delivery_store(url) for _ in range(4)), return_exceptions=True
-        )
-        stores = [s for s in opened if not isinstance(s, BaseException)]
-        for store in stores:
-            await store.close()
-        assert len(stores) == 4, [s for s in opened if isinstance(s, BaseException)]
-    store = await open_delivery_store(url)
-    try:
-        assert await store.claim("e", "x", datetime.now(UTC), 10) == Claimed("x")
-    finally:
-        await store.close()
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_notifiers_opening_a_new_store_together_all_open(
+    backend: str, tmp_path: Path
+) -> None:
+    """Replicas started at once on a new store each set its schema up.
+
+    SQLite refuses the WAL switch and the schema's write lock at once, without the busy
+    handler, while other connections open the same new file: a few of 100 opens did.
+    PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe against a concurrent one: two
+    notifiers started together on a new database failed with 'type "deliveries" already
+    exists' until the schema was set up under the migrations' advisory lock."""
+    for round_ in range(25 if backend == "sqlite" else 10):
+        directory = tmp_path / str(round_)
+        directory.mkdir()
+        async with temporary_database(backend, directory) as url:
+            opened = await asyncio.gather(
+                *(open_delivery_store(url) for _ in range(4)), return_exceptions=True
+            )
+            stores = [s for s in opened if not isinstance(s, BaseException)]
+            try:
+                assert len(stores) == 4, [s for s in opened if isinstance(s, BaseException)]
+                assert await stores[0].claim("e", "x", datetime.now(UTC), 10) == Claimed("x")
+                assert await stores[1].claim("e", "y", datetime.now(UTC), 10) != Claimed("y")
+            finally:
+                for store in stores:
+                    await store.close()

@@ -18,7 +18,6 @@ the retention are swept; by then no copy of the event is left.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -203,14 +202,12 @@ class PostgresDeliveryStore:
 
     @classmethod
     async def open(cls, url: str) -> PostgresDeliveryStore:
-        import asyncpg
-
-        from worker.store.postgres import connect_pool
+        from worker.store.postgres import connect_pool, schema_lock
 
         pool = await connect_pool(url, min_size=1, max_size=4)
         try:
-            async with pool.acquire() as conn:
-                # Two notifiers starting together may race on the catalogue; one of them wins.
+            # Notifiers (and workers) starting together on a new database take turns.
+            async with pool.acquire() as conn, schema_lock(conn):
                 for statement in (
                     _CREATE.format(time="TIMESTAMPTZ"),
                     _CREATE_INDEX,
@@ -220,12 +217,7 @@ class PostgresDeliveryStore:
                         for name, kind in _ADD_COLUMNS
                     ),
                 ):
-                    with contextlib.suppress(
-                        asyncpg.UniqueViolationError,
-                        asyncpg.DuplicateTableError,
-                        asyncpg.DuplicateColumnError,
-                    ):
-                        await conn.execute(statement)
+                    await conn.execute(statement)
         except BaseException:
             await pool.close()
             raise

@@ -61,6 +61,19 @@ async def connect_pool(url: str, **options: Any) -> asyncpg.Pool:
         raise StoreRefused(f"PostgreSQL refused the connection: {exc}") from exc
 
 
+@asynccontextmanager
+async def schema_lock(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A session advisory lock held while a process changes the schema: workers and
+    notifiers starting together take turns. ``CREATE ... IF NOT EXISTS`` alone is not safe
+    against a concurrent ``CREATE`` of the same table (one of them fails with 'type ...
+    already exists'), and a migration must run once."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        yield
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, outbox_lease_seconds: float) -> None:
         self._pool = pool
@@ -80,26 +93,20 @@ class PostgresStore:
         return store
 
     async def _migrate(self) -> None:
-        """Under a session advisory lock, so processes starting together apply each file once."""
-        async with self._pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-            try:
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version ("
-                    "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                )
-                current = await conn.fetchval(
-                    "SELECT coalesce(max(version), 0) FROM schema_version"
-                )
-                for version, sql in migrations("postgresql"):
-                    if version > current:
-                        async with conn.transaction():
-                            await conn.execute(sql)
-                            await conn.execute(
-                                "INSERT INTO schema_version (version) VALUES ($1)", version
-                            )
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        """Under the schema lock, so processes starting together apply each file once."""
+        async with self._pool.acquire() as conn, schema_lock(conn):
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            for version, sql in migrations("postgresql"):
+                if version > current:
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_version (version) VALUES ($1)", version
+                        )
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
