@@ -20,7 +20,14 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
-from aiormq.exceptions import AMQPConnectionError, ChannelPreconditionFailed
+from aiormq.abc import ChannelFrame, FrameType
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    ChannelPreconditionFailed,
+)
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from contracts.client import connect_robust
 from contracts.topology import EXCHANGES, ExchangeSpec, QueueSpec
@@ -197,11 +204,30 @@ class Publisher:
         await self.publish_many([(exchange, routing_key, body, properties)], timeout=timeout)
 
     async def publish_many(self, messages: Iterable[Outgoing], *, timeout: float) -> None:
-        """Publishes in order, under one timeout (on a confirming channel, one at a time)."""
+        """Publishes in order, under one timeout.
+
+        On a confirming channel, one at a time, each waiting for its confirm. On a channel
+        without confirms (the replies') all of them go to the connection's write queue as
+        one item: one socket write for a batch's replies instead of one each, and none of
+        ``basic_publish``'s per-call machinery (its countdown, timeout, lock and a queue
+        item per message), which cost ~15 µs of the ~30 µs a reply took. The frames are
+        the ones ``basic_publish`` would send, in the same order and on the same queue, so
+        an ack sent after them still cannot overtake them."""
         async with asyncio.timeout(timeout):
             underlay = await self._underlay()
+            if underlay.publisher_confirms:
+                for message in messages:
+                    await _basic_publish(underlay, message)
+                return
+            if underlay.is_closed:
+                raise ChannelInvalidStateError(f"{underlay!r} is closed")
+            frames: list[FrameType | ContentBody] = []
             for message in messages:
-                await _basic_publish(underlay, message)
+                frames.extend(_publish_frames(underlay.max_content_size, message))
+            if frames:
+                await underlay.write_queue.put(
+                    ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
+                )
 
     async def publish_confirmed(
         self, messages: Sequence[Outgoing], *, timeout: float
@@ -231,6 +257,19 @@ class Publisher:
             else TimeoutError("no confirm in time")
             for task in tasks
         ]
+
+
+def _publish_frames(max_content_size: int, message: Outgoing) -> list[FrameType | ContentBody]:
+    """A ``basic.publish`` method frame, its content header and its body frames."""
+    exchange, routing_key, body, properties = message
+    return [
+        spec.Basic.Publish(exchange=exchange, routing_key=routing_key),
+        ContentHeader(properties=properties, body_size=len(body)),
+        *(
+            ContentBody(body[start : start + max_content_size])
+            for start in range(0, len(body), max_content_size)
+        ),
+    ]
 
 
 def _basic_publish(underlay: aiormq.Channel, message: Outgoing) -> Awaitable[object]:

@@ -11,11 +11,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pamqp.frame
 import pytest
 from aio_pika import IncomingMessage
 from aiormq import spec
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from worker.amqp import Outgoing, Publisher, json_properties
@@ -187,3 +189,38 @@ async def test_a_single_reject_reports_the_channel_that_closed_under_it() -> Non
     with pytest.raises(ChannelInvalidStateError):
         await ends_in_time(rejecting, channel)
     assert channel.cancels == 1
+
+
+class BufferedChannel:
+    """An aiormq channel without confirms, as far as the batched path looks at one."""
+
+    publisher_confirms = False
+    is_closed = False
+    number = 3
+    max_content_size = 10
+
+    def __init__(self) -> None:
+        self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue(maxsize=1)
+
+    async def get_underlay_channel(self) -> BufferedChannel:
+        return self
+
+
+async def test_a_batch_without_confirms_is_one_item_of_the_bounded_write_queue() -> None:
+    """One item however many replies: a batch of 256 does not wait on the writer 256 times
+    (the queue holds 10 items), and each body is split at the channel's content size."""
+    channel = BufferedChannel()
+    properties = json_properties(type="IssueResult", correlation_id="c", persistent=False)
+    batch: list[Outgoing] = [("", "r1", b"a" * 25, properties), ("", "r2", b"", properties)]
+    async with asyncio.timeout(5):
+        await Publisher(channel).publish_many(batch, timeout=1)  # type: ignore[arg-type]
+    sent = channel.write_queue.get_nowait()
+    frames = [
+        spec.Basic.Publish(exchange="", routing_key="r1"),
+        ContentHeader(properties=properties, body_size=25),
+        *(ContentBody(chunk) for chunk in (b"a" * 10, b"a" * 10, b"a" * 5)),
+        spec.Basic.Publish(exchange="", routing_key="r2"),
+        ContentHeader(properties=properties, body_size=0),
+    ]
+    assert sent.payload == b"".join(pamqp.frame.marshal(frame, 3) for frame in frames)
+    assert sent.drain_future is None
