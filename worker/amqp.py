@@ -164,9 +164,6 @@ def json_properties(
     )
 
 
-CANCEL_GRACE_SECONDS = 1.0
-"""How long a cancelled publish gets to end before it is reported as not confirmed."""
-
 Outgoing = tuple[str, str, bytes, spec.Basic.Properties]
 """Exchange, routing key, body and properties of one message to publish."""
 
@@ -235,28 +232,54 @@ class Publisher:
         """Publishes all at once on a confirming channel and waits for the confirms together.
 
         Returns, per message, ``None`` once confirmed, else what went wrong (a nack's
-        ``DeliveryError``, or ``TimeoutError`` when no confirm came within ``timeout``)."""
+        ``DeliveryError``, the channel's end, or ``TimeoutError`` when no confirm came
+        within ``timeout``). The messages go as one item of the write queue, like a batch
+        of replies (``publish_many``), each with its confirm registered as
+        ``basic_publish`` registers one: no task and no queue item per message."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(timeout):
                 underlay = await self._underlay()
-        except TimeoutError as exc:
+                confirms = await _put_confirmed(underlay, messages)
+        except Exception as exc:  # not sent: no confirm will come
             return [exc] * len(messages)
-        tasks = [asyncio.ensure_future(_basic_publish(underlay, m)) for m in messages]
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-        for task in pending:
-            task.cancel()
-        if pending:
-            # Bounded too: a publish that does not end on its cancel must not hold up the
-            # caller (the relay, or a shutdown) for ever; its row simply stays for a retry.
-            await asyncio.wait(pending, timeout=CANCEL_GRACE_SECONDS)
+        if confirms:
+            await asyncio.wait(confirms, timeout=max(0.0, deadline - loop.time()))
         return [
-            task.exception()
-            if task.done() and not task.cancelled()
+            confirm.exception()
+            if confirm.done() and not confirm.cancelled()
             else TimeoutError("no confirm in time")
-            for task in tasks
+            for confirm in confirms
         ]
+
+
+async def _put_confirmed(
+    underlay: aiormq.Channel, messages: Sequence[Outgoing]
+) -> list[asyncio.Future[Any]]:
+    """The messages' frames as one write-queue item, and a future per message under the
+    delivery tag the broker will confirm it by (aiormq resolves them, or fails them when
+    the channel closes). Under the channel's lock, so no other publish takes a tag in
+    between; the tags are taken and the futures registered only once the item is on the
+    queue, with no await in between, so a publish cancelled while it waits for room leaves
+    nothing behind, and the writer cannot send the item before its confirms are in place."""
+    if not messages:
+        return []
+    frames: list[FrameType | ContentBody] = []
+    for message in messages:
+        frames.extend(_publish_frames(underlay.max_content_size, message))
+    async with underlay.lock:
+        if underlay.is_closed:
+            raise ChannelInvalidStateError(f"{underlay!r} is closed")
+        await underlay.write_queue.put(
+            ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
+        )
+        first = underlay.delivery_tag + 1
+        underlay.delivery_tag += len(messages)
+        confirms = [underlay.create_future() for _ in messages]
+        for tag, confirm in enumerate(confirms, start=first):
+            underlay.confirmations[tag] = confirm
+    return confirms
 
 
 def _publish_frames(max_content_size: int, message: Outgoing) -> list[FrameType | ContentBody]:

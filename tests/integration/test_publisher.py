@@ -1,4 +1,5 @@
-"""The publisher's batched path: a batch of replies leaves as one write, frames intact."""
+"""The publisher's batched paths, on the real broker: a batch leaves as one write, its frames
+intact, and a confirmed batch's acks and nacks land on the right messages."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import aio_pika
 import pytest
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 
 from worker.amqp import Outgoing, Publisher, json_properties
 
@@ -50,3 +51,24 @@ async def test_a_batch_on_a_closed_channel_is_refused(amqp_url: str) -> None:
         await underlay.close()
         with pytest.raises(ChannelInvalidStateError):
             await Publisher(publishing).publish_many([reply("nowhere", 0, b"{}")], timeout=5)
+
+
+async def test_a_confirmed_batch_gets_each_message_s_own_answer(amqp_url: str) -> None:
+    """The broker acks what its queue takes and nacks what it refuses: each outcome lands on
+    its own message, so the delivery tags were counted as the broker counts them."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        declaring = await connection.channel()
+        full = {"x-max-length": 2, "x-overflow": "reject-publish"}
+        queue = await declaring.declare_queue(exclusive=True, arguments=full)
+        publisher = Publisher(await connection.channel(publisher_confirms=True))
+        first = await publisher.publish_confirmed(
+            [reply(queue.name, n, b"{}") for n in range(5)], timeout=10
+        )
+        assert first[:2] == [None, None]
+        assert all(isinstance(outcome, DeliveryError) for outcome in first[2:])
+        await queue.purge()
+        again = await publisher.publish_confirmed(
+            [reply(queue.name, n, b"{}") for n in range(3)], timeout=10
+        )
+        assert again[:2] == [None, None] and isinstance(again[2], DeliveryError)
+        assert (await queue.get()).correlation_id == "c0"

@@ -15,8 +15,8 @@ import pamqp.frame
 import pytest
 from aio_pika import IncomingMessage
 from aiormq import spec
-from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
@@ -44,26 +44,66 @@ class Stubborn:
             await self.release.wait()
 
 
-class StubbornChannel(Stubborn):
-    async def get_underlay_channel(self) -> StubbornChannel:
-        return self
+class BufferedChannel:
+    """An aiormq channel, as far as the publisher's batched paths look at one: a bounded
+    write queue (the connection's holds 10 items) and, for confirms, the lock, the delivery
+    tags and the confirmations that aiormq's reader resolves."""
 
-    def basic_publish(self, body: bytes, **_: Any) -> Any:
-        return self.hang()
+    is_closed = False
+    number = 3
+    max_content_size = 10
+
+    def __init__(self, *, confirms: bool = False) -> None:
+        self.publisher_confirms = confirms
+        self.write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.lock = asyncio.Lock()
+        self.delivery_tag = 0
+        self.confirmations: dict[int, asyncio.Future[Any]] = {}
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def get_underlay_channel(self) -> BufferedChannel:
+        return self
 
 
 def message() -> Outgoing:
     return "otp.events", "code.issued", b"{}", json_properties(type="code.issued")
 
 
-async def test_publish_confirmed_reports_a_stuck_publish_instead_of_waiting_for_it() -> None:
-    channel = StubbornChannel()
+async def test_publish_confirmed_reports_missing_confirms_when_its_time_is_up() -> None:
+    channel = BufferedChannel(confirms=True)
     publisher = Publisher(channel)  # type: ignore[arg-type]
     async with asyncio.timeout(5):
         outcomes = await publisher.publish_confirmed([message(), message()], timeout=0.05)
     assert [type(o) for o in outcomes] == [TimeoutError, TimeoutError]
-    assert channel.cancels == 2
-    channel.release.set()
+    assert channel.write_queue.qsize() == 1  # both in one item
+    assert sorted(channel.confirmations) == [1, 2] and channel.delivery_tag == 2
+
+
+async def test_publish_confirmed_reports_each_message_s_confirm_or_nack() -> None:
+    channel = BufferedChannel(confirms=True)
+    publisher = Publisher(channel)  # type: ignore[arg-type]
+    publishing = asyncio.create_task(publisher.publish_confirmed([message(), message()], timeout=5))
+    async with asyncio.timeout(5):
+        await channel.write_queue.get()  # what the connection's writer would send
+    channel.confirmations[1].set_result(spec.Basic.Ack(delivery_tag=1))
+    nack = DeliveryError(None, spec.Basic.Nack(delivery_tag=2))
+    channel.confirmations[2].set_exception(nack)
+    assert await publishing == [None, nack]
+
+
+async def test_publish_confirmed_with_no_room_in_time_takes_no_delivery_tag() -> None:
+    """The writer is stuck (a dying connection): nothing was queued, so no confirm is
+    registered, and the next publish's tags are the ones the broker will use."""
+    channel = BufferedChannel(confirms=True)
+    channel.write_queue.put_nowait("stuck")
+    publisher = Publisher(channel)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        outcomes = await publisher.publish_confirmed([message(), message()], timeout=0.05)
+    assert [type(o) for o in outcomes] == [TimeoutError, TimeoutError]
+    assert channel.delivery_tag == 0 and channel.confirmations == {}
+    assert channel.write_queue.qsize() == 1
 
 
 class StubbornPublisher(Stubborn):
@@ -189,21 +229,6 @@ async def test_a_single_reject_reports_the_channel_that_closed_under_it() -> Non
     with pytest.raises(ChannelInvalidStateError):
         await ends_in_time(rejecting, channel)
     assert channel.cancels == 1
-
-
-class BufferedChannel:
-    """An aiormq channel without confirms, as far as the batched path looks at one."""
-
-    publisher_confirms = False
-    is_closed = False
-    number = 3
-    max_content_size = 10
-
-    def __init__(self) -> None:
-        self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue(maxsize=1)
-
-    async def get_underlay_channel(self) -> BufferedChannel:
-        return self
 
 
 async def test_a_batch_without_confirms_is_one_item_of_the_bounded_write_queue() -> None:
