@@ -49,6 +49,15 @@ class _Prepared:
     steps: list[Step] = field(default_factory=list)
 
 
+async def _run_steps(steps: Sequence[Step]) -> None:
+    """Runs a batch's steps together. Nearly always there is one (the replies) or none, and
+    then without ``gather``, whose task per step was part of what each batch costs."""
+    if len(steps) == 1:
+        await steps[0]()
+    elif steps:
+        await asyncio.gather(*(step() for step in steps))
+
+
 class CommandConsumer:
     def __init__(
         self,
@@ -121,7 +130,7 @@ class CommandConsumer:
 
     async def _finish(self, batch: Sequence[AbstractIncomingMessage], prepared: _Prepared) -> None:
         try:
-            await asyncio.gather(*(step() for step in prepared.steps))
+            await _run_steps(prepared.steps)
             await prepared.settlement.flush()
             log_lines.flush()
         except Exception:
@@ -231,7 +240,7 @@ class CommandConsumer:
             if self._observe:
                 self._observe(message.routing_key or "", outcome, started)
         await self._replies.publish_many(replies, timeout=self._timeout)
-        await asyncio.gather(*(step() for step in refused))
+        await _run_steps(refused)
 
     @staticmethod
     def _reply(

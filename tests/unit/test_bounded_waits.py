@@ -136,7 +136,8 @@ async def test_relay_stop_gives_up_on_a_relay_that_does_not_end() -> None:
 
 class DyingChannel(Stubborn):
     """aiormq's channel in the moment its connection dies: it still says open, so an ack
-    passes the check and then waits for room in a write queue nobody drains any more."""
+    passes the check and then waits for room in a write queue nobody drains any more (it
+    is full: with room, the ack would be queued without waiting)."""
 
     class Connection:
         basic_nack = True
@@ -146,6 +147,8 @@ class DyingChannel(Stubborn):
         self.connection = self.Connection()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.acks: list[tuple[int, bool]] = []
+        self.write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.write_queue.put_nowait("stuck")
 
     @property
     def is_closed(self) -> bool:
@@ -198,6 +201,29 @@ async def test_an_ack_stuck_on_a_dying_channel_ends_when_the_channel_closes() ->
     channel.close()
     await ends_in_time(flushing, channel)
     assert channel.cancels == 1
+
+
+class OpenChannel:
+    """An open channel whose write queue has room: what a batch's ack meets nearly always."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10)
+        self.acks: list[tuple[int, bool, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self.acks.append((delivery_tag, multiple, wait))
+
+
+async def test_an_ack_with_room_in_the_write_queue_is_queued_without_waiting() -> None:
+    channel = OpenChannel()
+    settlement = Settlement()
+    for tag in (1, 2, 3):
+        settlement.ack(delivery(channel, tag))
+    async with asyncio.timeout(5):
+        await settlement.flush()
+    assert channel.acks == [(3, True, False)]  # one multiple ack, not waiting for the drain
 
 
 async def test_a_requeue_stuck_on_a_dying_channel_ends_when_the_channel_closes() -> None:
