@@ -178,6 +178,13 @@ class Publisher:
     sent after a reply cannot overtake it, and a confirm means the broker has the message.
     The channel stays aio-pika's robust one: after a reconnect, ``get_underlay_channel``
     waits for the restored channel, as ``Exchange.publish`` does.
+
+    A batch (a batch's replies, a relay pass's events) goes to that queue as one item
+    holding every message's frames: aiormq bounds the queue at 10 items, and one item per
+    message made a batch wait on the writer task every ten. This leans on aiormq's channel
+    attributes (``write_queue``, ``lock``, ``delivery_tag``, ``confirmations``) as its own
+    ``basic_publish`` uses them; tests/integration/test_publisher.py checks the result on
+    the broker.
     """
 
     def __init__(self, channel: AbstractChannel) -> None:
