@@ -401,8 +401,8 @@ sys.argv = ["otp", *sys.argv[3:]]
 sys.exit(entry_point())
 """
 
-# The worker extra's distributions, by the module each one is imported as. aiormq is left
-# out: aio-pika depends on it, so a bare install has it too.
+# The worker extra's distributions, by the module each one is imported as. aiormq and pamqp
+# are left out: aio-pika depends on them, so a bare install has them too.
 WORKER_EXTRA_MODULES = {
     "aiosqlite": "aiosqlite",
     "asyncpg": "asyncpg",
@@ -430,7 +430,7 @@ async def test_otp_without_the_worker_extra_says_what_to_install(
         re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
         for requirement in project["optional-dependencies"]["worker"]
     }
-    assert extra - {"aiormq"} == set(WORKER_EXTRA_MODULES), "keep the list in step"
+    assert extra - {"aiormq", "pamqp"} == set(WORKER_EXTRA_MODULES), "keep the list in step"
     blocked = ",".join(WORKER_EXTRA_MODULES.values())
     script = [BARE_INSTALL, blocked, project["scripts"]["otp"]]
     process = await asyncio.create_subprocess_exec(
