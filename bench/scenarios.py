@@ -519,20 +519,36 @@ class Bench:
         rate = self.args.latency_rate or (capacity / 2 if capacity else None)
         if not rate:
             raise BenchError("no issue capacity measured and no --latency-rate given")
+        how = "--latency-rate" if self.args.latency_rate else "half of issue capacity"
+        p99 = await self._latency_at(result, rate, how)
+        result.target, result.met = "p99 <= 50 ms", p99 <= 50.0
+
+    async def latency_ceiling(self, result: Result) -> None:
+        """The same pair of paced runs at half the raw consumer's drain rate: a load both
+        can take. No target (the issue's is at half the worker's own capacity, which is
+        now more than the raw consumer sustains); it shows the two side by side."""
+        capacity = self.results["ceiling"].rate if "ceiling" in self.results else None
+        if not capacity:
+            raise BenchError("no ceiling measured")
+        await self._latency_at(result, capacity / 2, "half of the ceiling", label="latc")
+
+    async def _latency_at(
+        self, result: Result, rate: float, how: str, *, label: str = "lat"
+    ) -> float:
+        """The raw consumer, then the worker, at ``rate``; fills ``result``, returns the
+        worker's p99 in ms."""
         seconds, warmup = self.args.latency_seconds, self.args.latency_warmup
         # The same paced load on the raw consumer: what the broker alone costs in latency.
         raw = await self._paced(
-            "latraw", self.raw(self.new_dir("latency-raw")), rate, seconds, warmup
+            f"{label}raw", self.raw(self.new_dir(f"{label}-raw")), rate, seconds, warmup
         )
         port = free_port()
         worker = self.worker(
-            self.new_dir("latency"), OTP_METRICS_PORT=str(port), OTP_METRICS_HOST="127.0.0.1"
+            self.new_dir(label), OTP_METRICS_PORT=str(port), OTP_METRICS_HOST="127.0.0.1"
         )
-        figures = await self._paced("lat", worker, rate, seconds, warmup, metrics_port=port)
+        figures = await self._paced(label, worker, rate, seconds, warmup, metrics_port=port)
         p50, p99 = figures["p50_ms"], figures["p99_ms"]
         result.rate = figures["offered_rate"]
-        result.target, result.met = "p99 <= 50 ms", p99 <= 50.0
-        how = "--latency-rate" if self.args.latency_rate else "half of issue capacity"
         result.notes = [
             f"offered {result.rate:,.0f}/s ({how})",
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {figures['max_ms']:.1f} ms",
@@ -547,6 +563,7 @@ class Bench:
             result.problems.append(f"statuses {figures['statuses']}")
         if raw["statuses"] != {"raw": raw["commands"]}:
             result.problems.append(f"ceiling statuses {raw['statuses']}")
+        return float(p99)
 
     async def rss(self, result: Result) -> None:
         total, backlog = self.args.rss_commands, self.args.rss_backlog

@@ -70,6 +70,21 @@ def test_quick_latency_run_reports_windows_and_cpu_shares() -> None:
     assert "(raw run: broker probe " in row
 
 
+def test_latency_at_half_the_ceiling_runs_after_the_ceiling_it_halves() -> None:
+    out = _bench(
+        "--quick", "--scenarios", "latency-ceiling", "--commands", "1000",
+        "--latency-seconds", "2", "--latency-warmup", "0.5",
+    )  # fmt: skip
+    assert "== ceiling" in out  # its dependency, run first
+    ceiling = next(line for line in out.splitlines() if line.startswith("ceiling "))
+    rate = float(ceiling.split()[1].replace(",", ""))
+    row = next(line for line in out.splitlines() if line.startswith("latency-ceiling "))
+    assert "(half of the ceiling)" in row and "raw consumer at the same load" in row
+    offered = float(row.split()[1].replace(",", ""))
+    assert abs(offered - rate / 2) <= 0.1 * rate / 2  # paced at about half, as offered
+    assert "  latc: p50" in out and "  latcraw: p50" in out
+
+
 async def test_broker_probe_ends_at_once_when_its_connection_breaks(amqp_url: str) -> None:
     async with proxied(amqp_url) as (proxy, url):
         probe = BrokerProbe(url)
