@@ -225,13 +225,9 @@ class Publisher:
                 return
             if underlay.is_closed:
                 raise ChannelInvalidStateError(f"{underlay!r} is closed")
-            frames: list[FrameType | ContentBody] = []
-            for message in messages:
-                frames.extend(_publish_frames(underlay.max_content_size, message))
-            if frames:
-                await underlay.write_queue.put(
-                    ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
-                )
+            batch = list(messages)
+            if batch:
+                await underlay.write_queue.put(_one_item(underlay, batch))
 
     async def publish_confirmed(
         self, messages: Sequence[Outgoing], *, timeout: float
@@ -272,21 +268,25 @@ async def _put_confirmed(
     nothing behind, and the writer cannot send the item before its confirms are in place."""
     if not messages:
         return []
-    frames: list[FrameType | ContentBody] = []
-    for message in messages:
-        frames.extend(_publish_frames(underlay.max_content_size, message))
+    item = _one_item(underlay, messages)
     async with underlay.lock:
         if underlay.is_closed:
             raise ChannelInvalidStateError(f"{underlay!r} is closed")
-        await underlay.write_queue.put(
-            ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
-        )
+        await underlay.write_queue.put(item)
         first = underlay.delivery_tag + 1
         underlay.delivery_tag += len(messages)
         confirms = [underlay.create_future() for _ in messages]
         for tag, confirm in enumerate(confirms, start=first):
             underlay.confirmations[tag] = confirm
     return confirms
+
+
+def _one_item(underlay: aiormq.Channel, messages: Iterable[Outgoing]) -> ChannelFrame:
+    """Every message's frames, marshalled for ``underlay`` as one write-queue item."""
+    frames: list[FrameType | ContentBody] = []
+    for message in messages:
+        frames.extend(_publish_frames(underlay.max_content_size, message))
+    return ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
 
 
 def _publish_frames(max_content_size: int, message: Outgoing) -> list[FrameType | ContentBody]:
