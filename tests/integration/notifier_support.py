@@ -7,7 +7,7 @@ import email
 import email.policy
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -293,3 +293,19 @@ async def publish_event(url: str, *bodies: dict[str, Any]) -> None:
             )
     finally:
         await connection.close()
+
+
+def failing_first(
+    times: int, error: Exception, method: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    """``method``, except that its first ``times`` calls raise ``error``: a store that is
+    down for a while, to be patched over the real one's method."""
+    left = [times]
+
+    async def call(*args: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise error
+        return await method(*args)
+
+    return call

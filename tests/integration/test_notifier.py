@@ -24,12 +24,14 @@ from tests.integration.notifier_support import (
     Gateway,
     SmtpServer,
     crafted_event,
+    failing_first,
     publish_event,
 )
 from tests.proxy import proxied
 from tests.support import event_log, producer, start_process, worker_env
 from worker.amqp import declare_exchanges, declare_queue
 from worker.notifier.retry import NOTIFIER_QUEUE_SPEC, delay_ms, retry_queue_name
+from worker.notifier.transports import SmtpTransport
 
 
 def assert_no_code_logged(logs: list[dict[str, Any]], codes: list[str]) -> None:
@@ -152,6 +154,75 @@ async def test_retries_run_out(
     assert failed["attempts"] == MAX_ATTEMPTS
     assert failed["reason"].startswith("retries_exhausted")
     assert smtp.mails == []
+
+
+@pytest.mark.parametrize("outage", ["back_in_time", "stays_down"])
+async def test_a_store_outage_is_waited_out_in_the_retry_tiers(
+    amqp_url: str,
+    start_notifier: NotifierFactory,
+    smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: str,
+) -> None:
+    # A requeue would come back at once: the quorum queue's delivery limit would be used up
+    # within milliseconds of a database restart, and the event dead-lettered unsent.
+    notifier = await start_notifier()
+    store = notifier.store
+    assert store is not None
+    failures = MAX_ATTEMPTS - 1 if outage == "back_in_time" else MAX_ATTEMPTS
+    gone = ConnectionResetError("the database went away")
+    monkeypatch.setattr(store, "claim", failing_first(failures, gone, store.claim))
+    body = crafted_event("577215")
+    with capture_logs() as logs:
+        async with event_log(amqp_url) as events:
+            await publish_event(amqp_url, body)
+            await events.wait_for(
+                lambda e: e.named("code.delivered") or e.named("code.delivery_failed")
+            )
+            await notifier.wait_handled(MAX_ATTEMPTS)
+    assert notifier.handled == MAX_ATTEMPTS
+    parked = [e["queue"] for e in logs if e["event"] == "delivery will be retried"]
+    assert parked == [retry_queue_name(delay_ms(n, BACKOFF)) for n in range(1, MAX_ATTEMPTS)]
+    if outage == "back_in_time":
+        [mail] = smtp.mails
+        assert "577215" in mail.text
+        assert [d["attempts"] for d in events.named("code.delivered")] == [MAX_ATTEMPTS]
+    else:
+        assert smtp.mails == []
+        [failed] = events.named("code.delivery_failed")
+        assert failed["reason"] == "retries_exhausted: store_unavailable"
+        assert failed["attempts"] == MAX_ATTEMPTS
+    assert_no_code_logged(logs, ["577215"])
+
+
+async def test_an_error_no_transport_sorted_is_retried_not_requeued(
+    amqp_url: str,
+    start_notifier: NotifierFactory,
+    smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    send, failures = SmtpTransport.send_email, [1]
+
+    async def flaky(self: SmtpTransport, *args: Any) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("a library error nobody sorted, quoting 141592")
+        await send(self, *args)
+
+    monkeypatch.setattr(SmtpTransport, "send_email", flaky)
+    notifier = await start_notifier()
+    with capture_logs() as logs:
+        async with event_log(amqp_url) as events:
+            await publish_event(amqp_url, crafted_event("141592"))
+            await events.wait_for(lambda e: e.named("code.delivered"))
+            await notifier.wait_handled(2)
+    [error] = [e for e in logs if e["event"] == "delivery failed unexpectedly"]
+    assert error["error"] == "RuntimeError"
+    parked = [e["queue"] for e in logs if e["event"] == "delivery will be retried"]
+    assert parked == [retry_queue_name(delay_ms(1, BACKOFF))]
+    assert [d["attempts"] for d in events.named("code.delivered")] == [2]
+    assert len(smtp.mails) == 1
+    assert_no_code_logged(logs, ["141592"])
 
 
 async def test_permanent_smtp_failure_is_reported(

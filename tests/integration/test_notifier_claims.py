@@ -20,6 +20,7 @@ from tests.integration.conftest import BACKOFF, NotifierFactory, delete_retry_qu
 from tests.integration.notifier_support import (
     SmtpServer,
     crafted_event,
+    failing_first,
     publish_event,
     relay_config,
 )
@@ -96,16 +97,10 @@ async def test_a_sent_mail_whose_recording_fails_is_not_sent_again(
     notifier = await start_notifier()
     store = notifier.store
     assert store is not None
-    mark_delivered = store.mark_delivered
-    left = [failures]
-
-    async def locked(*args: object) -> object:
-        if left[0] > 0:
-            left[0] -= 1
-            raise sqlite3.OperationalError("database is locked")
-        return await mark_delivered(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store, "mark_delivered", locked)
+    locked = sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(
+        store, "mark_delivered", failing_first(failures, locked, store.mark_delivered)
+    )
     body = crafted_event("271828")
     with capture_logs() as logs:
         async with event_log(amqp_url) as events:

@@ -101,9 +101,17 @@ class Deliverer:
         if event.channel == "none":
             return Skip()
         token = uuid.uuid4().hex
-        claim = await self._store.claim(event.event_id, token, now, self._lease)
         outcome: Outcome
         seconds: float | None = None
+        try:
+            claim = await self._store.claim(event.event_id, token, now, self._lease)
+        except Exception as exc:
+            # Nothing was sent. A requeue would be back within milliseconds and use up the
+            # queue's delivery limit during a database restart: wait in the retry tiers instead.
+            log.warning("claiming the delivery failed; it will be retried", error=repr(exc))
+            outcome = self._transient("store_unavailable", attempt)
+            self._observe(event.channel, _result_of(outcome), seconds)
+            return outcome
         if isinstance(claim, AlreadyDelivered):
             outcome = Delivered(claim.attempts, earlier=True)
         elif isinstance(claim, ClaimedElsewhere):
@@ -113,15 +121,41 @@ class Deliverer:
             held = self._lease * (1 - LEASE_MARGIN) - _seconds_since(now)
             sent = False
             try:
-                outcome, seconds = await self._attempt_claimed(event, attempt, now, held)
+                try:
+                    outcome, seconds = await self._attempt_claimed(event, attempt, now, held)
+                except Exception as exc:
+                    # A failure no transport sorted: a bug, or an error its library added.
+                    # Retried like a transient one, so that it ends in code.delivery_failed
+                    # rather than in a requeue loop. Only the type is logged: an exception's
+                    # text may quote what was being sent.
+                    log.error("delivery failed unexpectedly", error=type(exc).__name__)
+                    outcome = self._transient(f"unexpected_{type(exc).__name__}", attempt)
                 sent = isinstance(outcome, Delivered)
                 if sent:
                     await self._record(event, token, attempt, now)
             finally:
                 if not sent:  # the next copy may claim it at once
-                    await self._store.release(event.event_id, token)
+                    await self._release(event, token)
         self._observe(event.channel, _result_of(outcome), seconds)
         return outcome
+
+    def _transient(self, reason: str, attempt: int) -> Retry | Failed:
+        if attempt >= self._max_attempts:
+            return Failed(f"retries_exhausted: {reason}", attempt)
+        return Retry(reason)
+
+    async def _release(self, event: CodeIssued, token: str) -> None:
+        """Never raises: the outcome stands, and a claim left in place only keeps copies off
+        until its lease runs out."""
+        try:
+            await self._store.release(event.event_id, token)
+        except Exception as exc:
+            log.warning(
+                "releasing the claim failed; copies wait for its lease",
+                error=repr(exc),
+                code_id=event.code_id,
+                event_id=event.event_id,
+            )
 
     async def _record(self, event: CodeIssued, token: str, attempt: int, now: datetime) -> None:
         """Marks the event delivered; never raises: the message is out, so this attempt is a
@@ -172,9 +206,7 @@ class Deliverer:
                     raise
                 raise TransientDeliveryError("send_outlasted_claim_lease") from None
         except TransientDeliveryError as exc:
-            if attempt >= self._max_attempts:
-                return Failed(f"retries_exhausted: {exc.reason}", attempt), _since(started)
-            return Retry(exc.reason), _since(started)
+            return self._transient(exc.reason, attempt), _since(started)
         except PermanentDeliveryError as exc:
             return Failed(exc.reason, attempt), _since(started)
         except TemplateProblem as exc:
