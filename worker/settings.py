@@ -112,6 +112,14 @@ class Settings(BaseSettings):
             raise PydanticCustomError("url", problem)
         return url
 
+    @field_validator("sms_gateway_url")
+    @classmethod
+    def _gateway_usable(cls, url: str | None) -> str | None:
+        problem = sms_gateway_url_problem(url) if url else None
+        if problem:
+            raise PydanticCustomError("url", problem)
+        return url
+
     @model_validator(mode="after")
     def _ttl_fits(self) -> Settings:
         # A check across fields has no single field to blame: its message names the variables.
@@ -145,15 +153,25 @@ def _split(value: str) -> list[str]:
 def amqp_url_problem(url: str) -> str | None:
     """What keeps ``url`` from naming a broker, or None.
 
-    aio-pika retries a URL without a host for ever, quietly: it must not get that far. The
-    answer never quotes the URL, which may hold a password (even where a port should be)."""
-    shape = "amqp://user:password@host:5672/vhost"
+    aio-pika retries a URL without a host for ever, quietly: it must not get that far."""
+    return _server_url_problem(url, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost")
+
+
+def sms_gateway_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from naming an HTTP gateway, or None. Found at start, not at the
+    first SMS, where each one would be retried until its attempts ran out."""
+    return _server_url_problem(url, ("http", "https"), "https://user:password@gateway.example/sms")
+
+
+def _server_url_problem(url: str, schemes: tuple[str, ...], shape: str) -> str | None:
+    """The answer never quotes the URL, which may hold a password (even where a port
+    should be)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return f"cannot be read as a URL ({shape})"
-    if parts.scheme not in ("amqp", "amqps"):
-        return f"must start with amqp:// or amqps:// ({shape})"
+    if parts.scheme not in schemes:
+        return f"must start with {' or '.join(f'{s}://' for s in schemes)} ({shape})"
     if not parts.hostname:
         return f"names no host ({shape})"
     try:

@@ -399,6 +399,10 @@ BAD_URLS = [
     ("OTP_DATABASE_URL", "mysql://otp:s3cret@127.0.0.1/otp"),
     ("OTP_DATABASE_URL", "sqlite:"),
     ("OTP_DATABASE_URL", "postgresql://otp:s3cret@127.0.0.1:port/otp"),
+    ("OTP_SMS_GATEWAY_URL", "gw.example/sms?key=s3cret"),  # no scheme: "unsupported protocol"
+    ("OTP_SMS_GATEWAY_URL", "http://[::1/sms?key=s3cret"),  # httpx: InvalidURL at each SMS
+    ("OTP_SMS_GATEWAY_URL", "https://user:s3cret@/sms"),
+    ("OTP_SMS_GATEWAY_URL", "https://gw.example:s3cret/sms"),
 ]
 
 
