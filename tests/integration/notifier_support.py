@@ -189,6 +189,8 @@ class Gateway:
     """Every request received, whatever it was answered."""
     hung_up: int = 0
     """Stalled requests whose client gave up and closed the connection."""
+    garbled: int = 0
+    """Requests (taken like any 200) answered with a body that claims gzip and is not."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     server: asyncio.Server | None = None
     port: int = 0
@@ -232,8 +234,14 @@ class Gateway:
         if status == 200:
             self.requests.append(orjson.loads(body))
             self.changed.set()
+        extra, answer = "", b""
+        if self.garbled and status == 200:
+            self.garbled -= 1
+            extra, answer = "Content-Encoding: gzip\r\n", b"this is not gzip"
         writer.write(
-            f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            f"HTTP/1.1 {status} X\r\n{extra}Content-Length: {len(answer)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + answer
         )
         await writer.drain()
         writer.close()

@@ -55,6 +55,25 @@ async def test_a_gateway_that_stalls_past_the_timeout_is_retried(
     assert "161803" in request["text"]
 
 
+async def test_an_answer_whose_body_breaks_after_the_status_is_not_sent_again(
+    amqp_url: str, start_notifier: NotifierFactory, gateway: Gateway
+) -> None:
+    # The gateway took the SMS and said 200; only its body failed to decode. Reading it as
+    # a failure would send the SMS again on the retry.
+    gateway.garbled = 1
+    notifier = await start_notifier(sms_gateway_url=gateway.url)
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, crafted_event("314159", channel="sms", destination="+49153"))
+        await events.wait_for(settled)
+        await notifier.wait_handled(1)
+    assert gateway.hits == 1 and gateway.garbled == 0
+    [request] = gateway.requests
+    assert "314159" in request["text"]
+    [delivered] = events.named("code.delivered")
+    assert delivered["attempts"] == 1
+    assert notifier.handled == 1, "the message came back from a delay queue"
+
+
 async def test_the_gateway_url_and_its_credentials_stay_out_of_the_logs(gateway: Gateway) -> None:
     """The URL is where a gateway's credentials go; httpx logs each request's URL at INFO."""
     records: list[str] = []

@@ -22,6 +22,8 @@ import httpx
 from worker.notifier.render import Email, Sms
 
 QUIT_TIMEOUT_SECONDS = 2.0
+MAX_GATEWAY_BODY = 64 * 1024
+"""Bytes of a gateway's answer read before the connection is dropped instead."""
 
 
 class DeliveryError(Exception):
@@ -198,12 +200,22 @@ class HttpSmsTransport:
         if not self._url:
             raise PermanentDeliveryError("no_sms_gateway_configured")
         try:
-            response = await self._client.post(
-                self._url, json={"to": to, "text": message.text, "code_id": code_id}
-            )
+            async with self._client.stream(
+                "POST", self._url, json={"to": to, "text": message.text, "code_id": code_id}
+            ) as response:
+                status = response.status_code
+                # Only the status counts, and the gateway has the message once it answered
+                # one: a body that then breaks off or fails to decode must not turn into a
+                # retry that sends the SMS again. Read raw, up to a bound, so the connection
+                # can be reused.
+                with contextlib.suppress(httpx.HTTPError):
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read > MAX_GATEWAY_BODY:
+                            break
         except httpx.TransportError as exc:
             raise TransientDeliveryError(f"sms_gateway_unavailable: {type(exc).__name__}") from None
-        status = response.status_code
         if status >= 500 or status == 429:
             raise TransientDeliveryError(f"sms_gateway_{status}")
         if status >= 300:
