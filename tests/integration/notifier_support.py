@@ -73,6 +73,9 @@ class SmtpServer:
         self.sessions = 0
         """EHLOs: one per connection, unless the server offers STARTTLS (then one more after it)."""
         self.quits = 0
+        self.noops_held = 0
+        """NOOPs waiting for ``release()`` while ``hold_noops`` is set."""
+        self.hold_noops = False
         self._accept_held = False
         self.changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -101,6 +104,14 @@ class SmtpServer:
             self.quits += 1
         self._loop.call_soon_threadsafe(self.changed.set)
         return "221 Bye"
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        if self.hold_noops:
+            with self._lock:
+                self.noops_held += 1
+            self._loop.call_soon_threadsafe(self.changed.set)
+            await self._gate.wait()
+        return "250 OK"
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -135,14 +146,18 @@ class SmtpServer:
         if getattr(session, "slow", False):
             await asyncio.sleep(self.step_delay)
 
-    def hold(self, after: int) -> None:
-        """Makes every DATA beyond ``after`` mails wait for ``release()``, also after one."""
+    def hold(self, after: int | None = None, *, noops: bool = False) -> None:
+        """Makes every DATA beyond ``after`` mails (and with ``noops`` every NOOP) wait for
+        ``release()``, also after one."""
         self._controller.loop.call_soon_threadsafe(self._gate.clear)
         self.hold_after = after
+        self.hold_noops = noops
 
     def release(self, *, accept: bool = False) -> None:
-        """Held DATA commands answer 451 (their client is gone, or will retry), or accept."""
+        """Held DATA commands answer 451 (their client is gone, or will retry), or accept;
+        held NOOPs answer."""
         self.hold_after = None
+        self.hold_noops = False
         self._accept_held = accept
         self._controller.loop.call_soon_threadsafe(self._gate.set)
 

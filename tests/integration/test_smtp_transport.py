@@ -8,7 +8,11 @@ import pytest
 
 from tests.integration.notifier_support import SmtpServer, relay_config
 from worker.notifier.render import Email
-from worker.notifier.transports import SmtpTransport, TransientDeliveryError
+from worker.notifier.transports import (
+    PermanentDeliveryError,
+    SmtpTransport,
+    TransientDeliveryError,
+)
 
 MAIL = Email(subject="Your code", text="plain", html="<p>html</p>")
 
@@ -96,3 +100,37 @@ async def test_a_failed_mail_leaves_no_connection_behind(smtp: SmtpServer) -> No
     await email.close()
     assert len(smtp.mails) == 1
     assert smtp.sessions == 2
+
+
+async def test_a_server_without_smtputf8_fails_a_non_ascii_address_for_good() -> None:
+    # Retrying could only fail the same way, until the attempts ran out.
+    server = SmtpServer(enable_SMTPUTF8=False)
+    server.start()
+    try:
+        email = transport(server)
+        with pytest.raises(PermanentDeliveryError, match="smtputf8"):
+            await email.send_email("jörg@example.de", MAIL, "code-1")
+        await email.close()
+    finally:
+        server.stop()
+    assert server.mails == []
+
+
+async def test_a_send_cancelled_while_checking_a_kept_connection_closes_it(
+    smtp: SmtpServer,
+) -> None:
+    # The claim's lease cuts a send off by cancelling it, NOOP included.
+    email = transport(smtp)
+    await email.send_email("a@example.org", MAIL, "code-1")
+    [(kept, _)] = email._idle
+    smtp.hold(noops=True)
+    send = asyncio.create_task(email.send_email("b@example.org", MAIL, "code-2"))
+    await smtp.wait_for(lambda: smtp.noops_held == 1)
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    assert not kept.is_connected
+    assert email._idle == []
+    smtp.release()
+    await email.close()
+    assert [m.to for m in smtp.mails] == [["a@example.org"]]

@@ -113,6 +113,9 @@ class SmtpTransport:
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients] or [550]
             raise _smtp_failure(min(codes), "recipient_refused") from None
+        except aiosmtplib.SMTPNotSupported:
+            # A non-ASCII address and a server without SMTPUTF8: so it stays.
+            raise PermanentDeliveryError("smtp_smtputf8_not_supported") from None
         except aiosmtplib.SMTPConnectError as exc:
             raise TransientDeliveryError(f"smtp_connect_failed: {type(exc).__name__}") from None
         except aiosmtplib.SMTPResponseException as exc:
@@ -132,6 +135,9 @@ class SmtpTransport:
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 smtp.close()
                 continue
+            except BaseException:  # cancelled (the claim's lease ran out): not kept, not lost
+                smtp.close()
+                raise
             return smtp
         c = self._config
         smtp = aiosmtplib.SMTP(
