@@ -11,11 +11,20 @@ from contracts._base import ClientName, CommandId, Purpose, StrictCommand, UserN
 
 Channel = Literal["email", "sms", "none"]
 
-_EMAIL = re.compile(
-    r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
+_ATOM = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x9f\s])+"
+"""RFC 5322's atext, and any non-ASCII character but spaces (RFC 6531). Not the characters a
+mail header treats as syntax (``,`` ``<`` ``(`` ``"`` ``:`` …): a mail library reading
+``a,victim@example.org`` back from the To header finds two recipients, and
+``(1)victim@example.org`` one that escapes the per-destination send cap."""
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"^(?=[^@]{{1,64}}@){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _BCP47 = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*$")
+
+
+def is_email_address(value: str) -> bool:
+    return _EMAIL.match(value) is not None
+
 
 MAX_CONTEXT_KEYS = 16
 ContextKey = Annotated[str, Field(min_length=1, max_length=64)]
@@ -68,7 +77,7 @@ class IssueCode(StrictCommand):
         if channel == "email":
             if value is None:
                 raise ValueError("destination is required for channel 'email'")
-            if not _EMAIL.match(value):
+            if not is_email_address(value):
                 raise ValueError("destination must be an e-mail address for channel 'email'")
         elif channel == "sms":
             if value is None:

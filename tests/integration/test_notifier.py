@@ -294,6 +294,22 @@ async def test_an_expired_code_is_not_sent(
     assert smtp.mails == []
 
 
+async def test_an_address_a_mail_header_would_read_differently_is_not_sent(
+    amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
+) -> None:
+    # From an older worker or another producer: the worker refuses it at issue, but a mail
+    # library reads victim@example.org out of this To header, past the destination's cap.
+    await start_notifier()
+    body = crafted_event("662607", destination="(x1)victim@example.org")
+    async with event_log(amqp_url) as events:
+        await publish_event(amqp_url, body)
+        await events.wait_for(lambda e: e.named("code.delivery_failed"))
+    [failed] = events.named("code.delivery_failed")
+    assert failed["reason"] == "invalid_destination"
+    assert failed["attempts"] == 0
+    assert smtp.mails == []
+
+
 async def test_channel_none_is_acknowledged_and_ignored(
     amqp_url: str, start_notifier: NotifierFactory, smtp: SmtpServer
 ) -> None:

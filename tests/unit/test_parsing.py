@@ -78,10 +78,32 @@ def test_invalid_fields_are_named(changes: dict[str, object], loc: str) -> None:
     assert result.command_id == expected
 
 
-def test_valid_destinations() -> None:
-    assert isinstance(
-        parse({**ISSUE, "channel": "email", "destination": "a.b+c@mail.example.org"}), IssueCode
-    )
+@pytest.mark.parametrize(
+    "address",
+    [
+        "(x1)victim@example.org",  # read from a To header: victim@example.org, uncapped
+        "a,victim@example.org",  # two recipients
+        "bob<victim@example.org",
+        '"quoted"@example.org',
+        "a..b@example.org",
+        ".a@example.org",
+        "a b@example.org",
+        "a\u00a0b@example.org",
+        "a@b@example.org",
+        "x" * 65 + "@example.org",
+    ],
+)
+def test_addresses_a_mail_header_would_read_differently_are_refused(address: str) -> None:
+    result = rejection({**ISSUE, "channel": "email", "destination": address})
+    assert result.error.type == "validation_error"
+    assert [f.loc for f in result.error.fields] == ["destination"]
+
+
+@pytest.mark.parametrize(
+    "address", ["a.b+c@mail.example.org", "o'brien@example.ie", "jörg@example.de", "x@y"]
+)
+def test_valid_destinations(address: str) -> None:
+    assert isinstance(parse({**ISSUE, "channel": "email", "destination": address}), IssueCode)
     assert isinstance(
         parse({**ISSUE, "channel": "sms", "destination": "+4915112345678"}), IssueCode
     )

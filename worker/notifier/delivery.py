@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from contracts.commands import is_email_address
 from contracts.events import CodeIssued
 from worker.domain.sealing import InvalidToken, Sealer
 from worker.log import get_logger
@@ -191,6 +192,11 @@ class Deliverer:
             return Failed("expired", tried), None
         if not event.destination:
             return Failed("no_destination", tried), None
+        if event.channel == "email" and not is_email_address(event.destination):
+            # The worker checks this at issue; an event from elsewhere (or an older worker)
+            # is checked again, since a mail library reading ``(x)victim@example.org`` or
+            # ``a,victim@example.org`` back from the To header finds victim@example.org.
+            return Failed("invalid_destination", tried), None
         try:
             code = self._sealer.unseal(event.sealed_code)
         except InvalidToken:
