@@ -3,7 +3,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+)
 
 
 def _require_utc(value: datetime) -> datetime:
@@ -34,6 +41,16 @@ class StrictCommand(BaseModel):
     quotes the input: a confirm's candidate code would end up wherever it is logged."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        """PostgreSQL stores no U+0000 in text: such a command would fail its whole batch
+        there, and be parked as internal_error without a reply, while SQLite took it."""
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain NUL (U+0000) characters")
+        return value
 
 
 class OpenMessage(BaseModel):

@@ -132,6 +132,29 @@ async def test_generated_malformed_commands(amqp_url: str, start_worker: WorkerF
         assert (await otp.issue(user="still-here"))["status"] == "issued"
 
 
+async def test_a_nul_character_is_rejected_alike_on_every_store(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    # PostgreSQL stores no NUL in text: the batch failed there, was split up, and the
+    # command was parked as internal_error without a reply, while SQLite issued a code.
+    await start_worker()
+    fields = {"command_id": "nul\x00id", "user": "nul\x00user", "client": "nul\x00client"}
+    async with producer(amqp_url) as otp:
+        futures = [
+            await otp.send("code.issue", {**VALID, "command_id": f"nul-{name}", name: value})
+            for name, value in fields.items()
+        ]
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 20)
+        assert (await otp.issue(user="still-here"))["status"] == "issued"
+    for name, reply in zip(fields, replies, strict=True):
+        assert reply["status"] == "rejected"
+        assert reply["error"]["type"] == "validation_error"
+        assert [f["loc"] for f in reply["error"]["fields"]] == [name]
+    dead = await drain_dead_letters(amqp_url)
+    assert len(dead) == len(fields)
+    assert {m.headers[ERROR_TYPE_HEADER] for m in dead} == {"validation_error"}
+
+
 def _is_json(body: bytes) -> bool:
     try:
         orjson.loads(body)

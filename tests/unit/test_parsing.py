@@ -19,6 +19,7 @@ from worker.parsing import Rejection, command_id_hint, parse_command
 
 POLICY = Policy(reveal_clients=frozenset({"qa"}), max_ttl=timedelta(seconds=900))
 ISSUE = {"command_id": "c", "user": "u", "client": "app", "channel": "none"}
+CONFIRM = {"command_id": "c", "user": "u", "client": "app", "code": "123456"}
 
 
 def parse(body: object, routing_key: str = "code.issue") -> IssueCode | ConfirmCode | Rejection:
@@ -76,6 +77,30 @@ def test_invalid_fields_are_named(changes: dict[str, object], loc: str) -> None:
     # The reply echoes the command_id when it is valid; an invalid one is not echoed.
     expected = None if "command_id" in changes else ISSUE["command_id"]
     assert result.command_id == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "loc"),
+    [
+        ("code.issue", {"command_id": "a\x00"}, "command_id"),
+        ("code.issue", {"user": "u\x00"}, "user"),
+        ("code.issue", {"client": "\x00"}, "client"),
+        ("code.issue", {"context": {"app_name": "A\x00"}}, "context"),
+        ("code.issue", {"context": {"a\x00": "A"}}, "context"),
+        ("code.confirm", {"user": "u\x00"}, "user"),
+        ("code.confirm", {"code": "12345\x00"}, "code"),
+    ],
+)
+def test_a_nul_character_is_refused_in_any_field(
+    kind: str, changes: dict[str, object], loc: str
+) -> None:
+    # PostgreSQL stores no NUL in text: the batch failed there, and the command was parked
+    # as internal_error without a reply.
+    base = ISSUE if kind == "code.issue" else CONFIRM
+    result = rejection({**base, **changes}, kind)
+    assert result.error.type == "validation_error"
+    assert [f.loc for f in result.error.fields] == [loc]
+    assert "\x00" not in repr(result)
 
 
 @pytest.mark.parametrize(
