@@ -19,7 +19,9 @@ mail header treats as syntax (``,`` ``<`` ``(`` ``"`` ``:`` …): a mail library
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"^(?=[^@]{{1,64}}@){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_BCP47 = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*$")
+_BCP47 = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$")
+"""The shape of a BCP 47 tag (private use ``x-…`` and irregular ``i-…`` tags included), not
+its registry: an unknown language falls back to English, as the contract says."""
 
 
 def is_email_address(value: str) -> bool:
@@ -27,7 +29,6 @@ def is_email_address(value: str) -> bool:
 
 
 MAX_CONTEXT_KEYS = 16
-ContextKey = Annotated[str, Field(min_length=1, max_length=64)]
 ContextValue = Annotated[str, Field(max_length=256)]
 
 
@@ -42,7 +43,7 @@ class IssueCode(StrictCommand):
     channel: Channel
     destination: Annotated[str | None, Field(default=None, max_length=254, validate_default=True)]
     locale: Annotated[str, Field(min_length=2, max_length=35)] = "en"
-    context: dict[ContextKey, ContextValue] = Field(default_factory=dict)
+    context: dict[str, ContextValue] = Field(default_factory=dict)
     force_new: bool = False
     reveal: Annotated[
         bool,

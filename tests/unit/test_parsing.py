@@ -80,6 +80,24 @@ def test_invalid_fields_are_named(changes: dict[str, object], loc: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "changes",
+    [
+        {"locale": "x-private"},
+        {"locale": "i-klingon"},
+        {"locale": "tlh"},
+        {"locale": "zh-Hant-TW"},
+        {"context": {"": "empty key", "k" * 100: "long key"}},
+    ],
+)
+def test_what_the_contract_allows_is_accepted(changes: dict[str, object]) -> None:
+    # The contract asks a BCP 47 tag (an unknown one falls back to English) and a context
+    # of at most 16 string keys with values of at most 256 characters: no more than that.
+    command = parse({**ISSUE, **changes})
+    assert isinstance(command, IssueCode)
+    assert command.model_dump(include=set(changes)) == changes
+
+
+@pytest.mark.parametrize(
     ("kind", "changes", "loc"),
     [
         ("code.issue", {"command_id": "a\x00"}, "command_id"),
