@@ -30,7 +30,8 @@ UtcDatetime = Annotated[
     PlainSerializer(format_utc, return_type=str, when_used="json"),
 ]
 
-CommandId = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_COMMAND_ID_LENGTH = 128
+CommandId = Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_ID_LENGTH)]
 UserName = Annotated[str, Field(min_length=1, max_length=256)]
 ClientName = Annotated[str, Field(min_length=1, max_length=128)]
 Purpose = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+$")]

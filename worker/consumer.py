@@ -260,7 +260,7 @@ class CommandConsumer:
         settlement: Settlement,
     ) -> None:
         """Reply ``rejected``, park the original in the dead-letter queue, ack: never requeue."""
-        command_id = rejection.command_id or command_id_hint(message.body)
+        command_id = command_id_hint(message.body)  # bounded, unlike the reply's echo
         log.warning(
             "command rejected",
             command_id=command_id,

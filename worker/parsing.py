@@ -9,6 +9,7 @@ from typing import Literal
 import orjson
 from pydantic import ValidationError
 
+from contracts._base import MAX_COMMAND_ID_LENGTH
 from contracts.commands import ConfirmCode, IssueCode
 from contracts.replies import ErrorInfo, ErrorType, FieldError
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY, MAX_BODY_BYTES
@@ -114,8 +115,10 @@ def _reject(
     )
 
 
-def _command_id_of(body: bytes) -> str | None:
-    """Echo a command_id when the body is a JSON object with a string one."""
+def _command_id_of(body: bytes, *, longest: int | None = None) -> str | None:
+    """The command_id of a body that is a JSON object with a string one, valid or not: the
+    contract echoes it unless the body "was not a JSON object with one". With ``longest``,
+    only one of 1 to ``longest`` characters."""
     if not body or len(body) > 16 * MAX_BODY_BYTES:
         return None
     try:
@@ -124,12 +127,14 @@ def _command_id_of(body: bytes) -> str | None:
         return None
     if isinstance(data, dict):
         value = data.get("command_id")
-        if isinstance(value, str) and 0 < len(value) <= 128:
+        if isinstance(value, str) and (longest is None or 0 < len(value) <= longest):
             return value
     return None
 
 
-_RAW_COMMAND_ID = re.compile(rb'"command_id"\s*:\s*"([^"\\\x00-\x1f]{1,128})"')
+_RAW_COMMAND_ID = re.compile(
+    rb'"command_id"\s*:\s*"([^"\\\x00-\x1f]{1,%d})"' % MAX_COMMAND_ID_LENGTH
+)
 
 
 def command_id_hint(body: bytes) -> str | None:
@@ -138,7 +143,7 @@ def command_id_hint(body: bytes) -> str | None:
     A reply echoes only a command_id of a JSON object (the contract says so); an operator
     following one message through the logs takes what can be found.
     """
-    found = _command_id_of(body)
+    found = _command_id_of(body, longest=MAX_COMMAND_ID_LENGTH)
     if found is not None or len(body) > MAX_BODY_BYTES:
         return found
     match = _RAW_COMMAND_ID.search(body)
