@@ -43,6 +43,7 @@ from aio_pika.exceptions import (
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
     DeliveryError,
+    InvalidFrameError,
     PublishError,
 )
 from pydantic import ValidationError
@@ -145,11 +146,43 @@ async def connect_robust(url: str, *, name: str, timeout: float) -> AbstractRobu
     )
     try:
         await connection.connect(timeout=timeout)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):  # the failure to report is the connect's
             await connection.close()
+        refused = vhost_refusal(exc, url)
+        if refused is not None:
+            raise refused from None
         raise
     return connection
+
+
+async def connect_once(url: str, timeout: float) -> AbstractConnection:
+    """``aio_pika.connect`` (no reconnects: for a command-line tool's one look), with a
+    refused vhost named as such."""
+    try:
+        return await aio_pika.connect(url, timeout=timeout)
+    except Exception as exc:
+        refused = vhost_refusal(exc, url)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+class VhostRefused(AMQPConnectionError):
+    """The broker would not open the URL's vhost for its user."""
+
+
+def vhost_refusal(exc: BaseException, url: str) -> VhostRefused | None:
+    """What a connect's failure means, when the broker closed the connection in answer to
+    opening the vhost (it does not exist, or the user has no permissions on it): aiormq
+    reports that as an unexpected frame, naming neither the vhost nor the reason."""
+    if not (isinstance(exc, InvalidFrameError) and "Connection.Close" in str(exc)):
+        return None
+    vhost = make_url(url).path[1:] or "/"
+    return VhostRefused(
+        f"the broker would not open vhost {vhost!r}: it does not exist, or the user has "
+        "no permissions on it"
+    )
 
 
 def broker_user_of(url: URL) -> str | None:

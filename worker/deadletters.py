@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from contracts.client import connect_once
 from contracts.topology import (
     COMMAND_ROUTING_KEYS,
     COMMANDS_EXCHANGE,
@@ -143,7 +144,7 @@ Visitor = Callable[[AbstractIncomingMessage, AbstractChannel], Awaitable[Step]]
 
 async def _walk(url: str, timeout: float, limit: int, visit: Visitor) -> None:
     """Gets messages one by one; a message not acked is handed back when the walk ends."""
-    connection = await aio_pika.connect(url, timeout=timeout)
+    connection = await connect_once(url, timeout)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue: AbstractQueue = await channel.declare_queue(

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
-import aio_pika
-
+from contracts.client import connect_once
 from contracts.topology import COMMAND_QUEUE
 from worker.store.probe import probe_store
 
@@ -41,7 +40,7 @@ async def run_checks(
 
 async def _broker_checks(url: str, timeout: float) -> list[Check]:
     try:
-        connection = await aio_pika.connect(url, timeout=timeout)
+        connection = await connect_once(url, timeout)
     except Exception as exc:
         return [
             Check("broker reachable", False, describe(exc)),

@@ -175,6 +175,24 @@ async def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     assert_one_error_line(listing, 1, "otp: broker unavailable")
 
 
+async def test_a_vhost_the_broker_will_not_open_is_named(amqp_url: str, tmp_path: Path) -> None:
+    # aiormq reports the broker's refusal as an unexpected frame: "Expected one of
+    # ['Connection.OpenOk'], got <Connection.Close object at 0x...>".
+    env = cli_env(amqp_url.rsplit("/", 1)[0] + "/otp-no-such-vhost")
+    named = "the broker would not open vhost 'otp-no-such-vhost'"
+    run = await otp("issue", "--user", "a", "--client", "c", env=env, cwd=tmp_path)
+    assert_one_error_line(run, 1, "otp: broker unavailable")
+    assert named in run.err
+    listing = await otp("dead-letters", "list", env=env, cwd=tmp_path)
+    assert_one_error_line(listing, 1, "otp: broker unavailable")
+    assert named in listing.err
+    check = await otp(
+        "check", "--database-url", f"sqlite:///{tmp_path}/x.db", env=env, cwd=tmp_path
+    )
+    assert check.rc == 1
+    assert f"FAIL broker reachable: {named}" in check.out
+
+
 async def test_events_follow(amqp_url: str, start_worker: WorkerFactory, tmp_path: Path) -> None:
     await start_worker()
     process = await asyncio.create_subprocess_exec(

@@ -432,6 +432,19 @@ def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_a_vhost_the_broker_will_not_open_is_one_line(
+    module: str, amqp_url: str, tmp_path: Path
+) -> None:
+    # It was a traceback of aiormq's: "Expected one of ['Connection.OpenOk'], got ...".
+    url = amqp_url.rsplit("/", 1)[0] + "/otp-no-such-vhost"
+    env = worker_env(url, f"sqlite:///{tmp_path}/x.db", tmp_path)
+    code, lines = run_until_exit(module, env, tmp_path)
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert "would not open vhost 'otp-no-such-vhost'" in lines[0], lines
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
 async def test_sigterm_while_starting_stops_at_once(
     module: str, tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
