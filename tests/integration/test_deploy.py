@@ -37,8 +37,10 @@ from contracts.topology import (
 )
 from tests.conftest import make_settings
 from tests.support import BROKER, ROOT, delete_vhost, rabbitmqctl
+from worker.app import SHUTDOWN_GRACE_SECONDS as WORKER_SHUTDOWN_GRACE_SECONDS
 from worker.app import Worker
 from worker.metrics import NotifierMetrics, WorkerMetrics
+from worker.notifier.app import shutdown_grace
 from worker.settings import Keys, Settings
 
 DEPLOY = ROOT / "deploy"
@@ -367,6 +369,26 @@ def test_kubernetes_manifests_match_the_code() -> None:
     assert keda is not None and keda.group(1) == "otp-keda"
     (rights,) = [p for p in DEFINITIONS["permissions"] if p["user"] == "otp-keda"]
     assert (rights["configure"], rights["write"], rights["read"]) == ("^$", "^$", "^$")
+
+
+def grace_seconds(value: str | int) -> float:
+    text = str(value)
+    return float(text.removesuffix("s"))
+
+
+def test_orchestrators_wait_out_each_process_s_own_shutdown() -> None:
+    # Killed before its own grace is up, the notifier drops a send the server may already
+    # have taken (it goes out again), the worker its relay's last events.
+    defaults = Settings.model_construct()  # the deploy files leave the lease at its default
+    notifier = shutdown_grace(defaults)
+    assert notifier > 0.9 * defaults.notifier_claim_lease_seconds
+    needed = {"worker": WORKER_SHUTDOWN_GRACE_SECONDS + 5, "notifier": notifier + 5}
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    deployments = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Deployment"}
+    for name, seconds in needed.items():
+        assert grace_seconds(services[name]["stop_grace_period"]) >= seconds, name
+        spec = deployments[f"otp-{name}"]["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] >= seconds, name
 
 
 def test_dockerfile_builds_one_non_root_image() -> None:

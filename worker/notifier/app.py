@@ -37,7 +37,19 @@ from worker.watchdog import ConsumerWatchdog
 
 log = get_logger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 30.0
+SETTLE_SECONDS = 10.0
+"""What settling a delivery may take after its send: recording it, publishing its outcome
+event (or parking it for a retry) with confirms, acking it."""
+
+
+def shutdown_grace(settings: Settings) -> float:
+    """How long SIGTERM waits for deliveries in flight. A send is cut off at 90 % of the
+    claim lease, so each attempt under way ends within the lease: waiting less would
+    close the store and the connection under a send the server may already have taken,
+    and the message would come back and go out twice."""
+    return settings.notifier_claim_lease_seconds + SETTLE_SECONDS
+
+
 __all__ = ["Notifier", "outcome_event_id"]
 
 
@@ -231,7 +243,7 @@ class Notifier:
             await self._watchdog.cancel_consumer()
         self.draining.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE_SECONDS)
+            await asyncio.wait_for(self._idle.wait(), shutdown_grace(self.settings))
         self._stop_sweeping.set()
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and not (await asyncio.wait({sweeper}, timeout=10))[0]:
