@@ -120,6 +120,14 @@ class Settings(BaseSettings):
             raise PydanticCustomError("url", problem)
         return url
 
+    @field_validator("templates_dir")
+    @classmethod
+    def _templates_dir_exists(cls, path: Path | None) -> Path | None:
+        # Not found, it would be passed over for the built-in templates without a word.
+        if path is not None and not path.is_dir():
+            raise PydanticCustomError("path", "is not a directory")
+        return path
+
     @model_validator(mode="after")
     def _ttl_fits(self) -> Settings:
         # A check across fields has no single field to blame: its message names the variables.
@@ -277,6 +285,15 @@ def _dev_key(path: Path, make: Callable[[], str]) -> str:
 
     Written beside and hard-linked into place, so two processes starting together agree.
     """
+    try:
+        return _read_or_make(path, make)
+    except OSError as exc:
+        detail = exc.strerror or type(exc).__name__
+        where = f"cannot keep the dev keys in {path.parent}"
+        raise ConfigError(f"OTP_VAR_DIR: {where}: {detail}") from None
+
+
+def _read_or_make(path: Path, make: Callable[[], str]) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         draft = path.with_name(f".{path.name}.{os.getpid()}")

@@ -368,13 +368,19 @@ def run_until_exit(
 
 def test_bad_configuration_is_one_line_naming_the_variable(tmp_path: Path) -> None:
     base = worker_env("amqp://guest:guest@127.0.0.1:1/", "sqlite:///x.db", tmp_path)
-    for variable, value in (
-        ("OTP_CODE_LENGTH", "12"),
-        ("OTP_MAX_ATTEMPTS", "many"),
-        ("OTP_DELIVERY_KEY", "not-a-key"),
-        ("OTP_SECRET_KEY", ""),
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    # Dev mode writes the keys it generates into OTP_VAR_DIR: here, into a file's place.
+    dev = {k: v for k, v in base.items() if k not in ("OTP_SECRET_KEY", "OTP_DELIVERY_KEY")}
+    for variable, value, env in (
+        ("OTP_CODE_LENGTH", "12", base),
+        ("OTP_MAX_ATTEMPTS", "many", base),
+        ("OTP_DELIVERY_KEY", "not-a-key", base),
+        ("OTP_SECRET_KEY", "", base),
+        ("OTP_TEMPLATES_DIR", str(tmp_path / "missing"), base),  # was passed over quietly
+        ("OTP_VAR_DIR", str(a_file), {**dev, "OTP_DEV": "true"}),  # was a traceback
     ):
-        code, lines = run_until_exit("worker", {**base, variable: value}, tmp_path)
+        code, lines = run_until_exit("worker", {**env, variable: value}, tmp_path)
         assert code == 2, lines
         assert len(lines) == 1 and variable in lines[0], lines
 
