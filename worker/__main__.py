@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import signal
@@ -114,8 +115,18 @@ async def _serve() -> None:
         flush_logs()
 
 
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Runs an entry point's coroutine with uvloop; a config error is one line and exit 2."""
+def run(main: Callable[[], Coroutine[Any, Any, None]], prog: str, summary: str) -> int:
+    """Runs an entry point's coroutine with uvloop; a config error is one line and exit 2.
+
+    The processes take no arguments, but ``--help`` answers instead of starting a service
+    (which would open the store and consume from the configured broker), and any other
+    argument is refused (exit 2)."""
+    argparse.ArgumentParser(
+        prog=prog,
+        description=summary,
+        epilog="Configured by OTP_* environment variables (and a .env file): see the "
+        "README's Configuration section. `otp check` checks a running service.",
+    ).parse_args()
     try:
         run_loop(main())
     except ConfigError as exc:
@@ -128,4 +139,12 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(_serve))
+    sys.exit(
+        run(
+            _serve,
+            "python -m worker",
+            "The one-time-code command worker: consumes code.issue and code.confirm, keeps the "
+            "codes' state, replies, and publishes events. SIGTERM finishes the work in "
+            "flight and exits 0.",
+        )
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import subprocess
 import sys
@@ -435,6 +436,26 @@ def test_unreachable_broker_is_one_line(module: str, tmp_path: Path) -> None:
     code, lines = run_until_exit(module, env, tmp_path)
     assert code == 1
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0], lines
+
+
+@pytest.mark.parametrize("module", ["worker", "worker.notifier"])
+def test_help_answers_without_starting_and_arguments_are_refused(
+    module: str, tmp_path: Path
+) -> None:
+    # --help used to start the service: open the store, connect, consume.
+    env = worker_env("amqp://guest:guest@127.0.0.1:1/", f"sqlite:///{tmp_path}/x.db", tmp_path)
+    run = functools.partial(
+        subprocess.run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    helped = run([sys.executable, "-m", module, "--help"])
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith(f"usage: python -m {module}")
+    assert "OTP_" in helped.stdout and helped.stderr == ""
+    assert not (tmp_path / "x.db").exists()
+    refused = run([sys.executable, "-m", module, "--prefetch", "10"])
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --prefetch 10" in refused.stderr
+    assert not (tmp_path / "x.db").exists()
 
 
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])

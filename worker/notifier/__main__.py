@@ -31,4 +31,12 @@ async def _serve() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run(_serve))
+    sys.exit(
+        run(
+            _serve,
+            "python -m worker.notifier",
+            "The notification consumer: delivers code.issued events by e-mail or SMS and "
+            "publishes their outcomes. SIGTERM lets the deliveries in flight finish and "
+            "exits 0.",
+        )
+    )
