@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
 # Runs one worker and one notifier side by side; Ctrl-C (or SIGTERM) stops both cleanly.
+# The exit status is the first process's own when one ends by itself, else the worse of
+# the two: 0 when both stopped cleanly on the signal.
 set -u
 PY="$1"
 "$PY" -m worker &
 worker=$!
 "$PY" -m worker.notifier &
 notifier=$!
-trap 'kill -TERM $worker $notifier 2>/dev/null' INT TERM
+stopping=0
+trap 'stopping=1; kill -TERM $worker $notifier 2>/dev/null' INT TERM
 wait -n $worker $notifier
-status=$?
+first=$?
 kill -TERM $worker $notifier 2>/dev/null
-wait
-exit $status
+# A signal interrupts wait with 128+n; bash keeps each child's own status for the next wait.
+status() {
+    local rc
+    while :; do
+        wait "$1"
+        rc=$?
+        kill -0 "$1" 2>/dev/null || return $rc
+    done
+}
+status $worker
+w=$?
+status $notifier
+n=$?
+if [ $stopping = 0 ]; then
+    exit $first
+fi
+exit $((w > n ? w : n))
