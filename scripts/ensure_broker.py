@@ -30,9 +30,24 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
+SERVICE_VARIABLE = "OTP_AMQP_URL"
+
+
+def configured(variable: str) -> str | None:
+    """What the caller will read: the environment, and for the service's own setting also
+    ``.env`` in the working directory, which its settings read when the environment has
+    no value (python-dotenv comes with pydantic-settings)."""
+    value = os.environ.get(variable)
+    if value is None and variable == SERVICE_VARIABLE and os.path.isfile(".env"):
+        from dotenv import dotenv_values
+
+        value = dotenv_values(".env").get(variable)
+    return value
+
+
 def main(argv: list[str]) -> int:
-    variable = argv[0] if argv else "OTP_AMQP_URL"
-    url = os.environ.get(variable) or DEFAULT_URL
+    variable = argv[0] if argv else SERVICE_VARIABLE
+    url = configured(variable) or DEFAULT_URL
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 5672
     if reachable(host, port):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support import BROKER, ROOT
 
@@ -12,12 +13,15 @@ UNREACHABLE = "amqp://guest:guest@192.0.2.1:5672"
 """TEST-NET-1: never answers, and not local, so the script does not try to start a broker."""
 
 
-def ensure_broker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def ensure_broker(
+    *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
     environment.update(env)
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ensure_broker.py"), *args],
         env=environment,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,3 +49,16 @@ def test_it_checks_the_variable_it_is_given_not_the_service_url() -> None:
     service = ensure_broker(OTP_AMQP_URL=UNREACHABLE)
     assert service.returncode == 1
     assert "(start one, or set OTP_AMQP_URL)" in service.stderr
+
+
+def test_the_service_url_in_dot_env_is_the_one_checked(tmp_path: Path) -> None:
+    # The service reads .env when the environment has no value: make run must check that
+    # broker, not start or ask for a local one.
+    (tmp_path / ".env").write_text(f"OTP_AMQP_URL={UNREACHABLE}\n")
+    service = ensure_broker(cwd=tmp_path)
+    assert service.returncode == 1
+    assert "192.0.2.1:5672" in service.stderr
+    overridden = ensure_broker(cwd=tmp_path, OTP_AMQP_URL=BROKER)  # the environment wins
+    assert overridden.returncode == 0, overridden.stderr
+    tests = ensure_broker("OTP_TEST_AMQP_BASE", cwd=tmp_path)  # not a service setting
+    assert tests.returncode == 0, tests.stderr
