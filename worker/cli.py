@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="otp", description="Issue and confirm one-time codes; operate them.")
     common = _Parser(add_help=False)
     common.add_argument("--url", type=_broker_url, help="broker URL (default: OTP_AMQP_URL)")
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    common.add_argument("--timeout", type=_seconds, default=10.0, help="seconds (default 10)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
@@ -110,19 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--pattern", default="#", help="topic pattern, e.g. 'code.*'")
     until = events.add_mutually_exclusive_group(required=True)
     until.add_argument("--follow", action="store_true", help="until interrupted")
-    until.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    until.add_argument("--count", type=_at_least(1), metavar="N", help="exit after N events")
     events.set_defaults(handler=commands.events)
 
     dead = sub.add_parser("dead-letters", help="inspect or replay otp.dead-letter")
     dead_sub = dead.add_subparsers(title="actions", metavar="ACTION", parser_class=_Parser)
     listing = dead_sub.add_parser("list", parents=[common], help="show them; all stay queued")
-    listing.add_argument("--limit", type=int, default=10_000)
+    listing.add_argument("--limit", type=_at_least(1), default=10_000)
     listing.set_defaults(handler=commands.dead_list)
     replay = dead_sub.add_parser("replay", parents=[common], help="re-publish to otp.commands")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true")
     which.add_argument("--message-id", metavar="ID", help="message_id (or command_id)")
-    replay.add_argument("--limit", type=int, default=10_000)
+    replay.add_argument("--limit", type=_at_least(1), default=10_000)
     replay.set_defaults(handler=commands.dead_replay)
 
     keys = sub.add_parser("keys", help="generate OTP_SECRET_KEY and OTP_DELIVERY_KEY")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", parents=[common], help="health check: exit 0 or 1")
     check.add_argument("--database-url", type=_database_url, help="default: OTP_DATABASE_URL")
-    check.add_argument("--max-backlog", type=int, default=1000, metavar="N")
+    check.add_argument("--max-backlog", type=_at_least(0), default=1000, metavar="N")
     check.set_defaults(handler=commands.check)
     return parser
 
@@ -144,7 +144,7 @@ def _scope(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", required=True)
     parser.add_argument("--client", required=True)
     parser.add_argument("--purpose", default="login")
-    parser.add_argument("--retries", type=int, default=0, help="re-publish on timeout")
+    parser.add_argument("--retries", type=_at_least(0), default=0, help="re-publish on timeout")
 
 
 def _broker_url(value: str) -> str:
@@ -165,6 +165,29 @@ def _checked(value: str, problem: str | None) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)  # never the value: it may hold a password
     return value
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {value!r}")
+    return seconds
+
+
+def _at_least(lowest: int) -> Callable[[str], int]:
+    def whole(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < lowest:
+            raise argparse.ArgumentTypeError(f"expected {lowest} or more, got {value!r}")
+        return number
+
+    return whole
 
 
 def _pair(value: str) -> tuple[str, str]:

@@ -166,6 +166,27 @@ def test_a_bad_url_is_one_line(amqp_url: str, args: list[str], named: str, tmp_p
     assert named in result.stderr and "s3cret" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["issue", "--user", "a", "--client", "c", "--timeout", "-1"], "--timeout"),
+        (["issue", "--user", "a", "--client", "c", "--timeout", "nan"], "--timeout"),
+        (["events", "--count", "0"], "--count"),  # used to wait for ever
+        (["dead-letters", "list", "--limit", "-1"], "--limit"),  # said "0 dead letter(s)"
+        (
+            ["confirm", "--user", "a", "--client", "c", "--code", "1", "--retries", "-3"],
+            "--retries",
+        ),
+        (["check", "--max-backlog", "-1"], "--max-backlog"),
+    ],
+)
+async def test_a_number_out_of_range_is_a_usage_error(
+    args: list[str], named: str, tmp_path: Path
+) -> None:
+    run = await otp(*args, env=cli_env(UNREACHABLE), cwd=tmp_path)
+    assert_one_error_line(run, 2, f"otp: argument {named}: expected")
+
+
 async def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     env = cli_env(UNREACHABLE)
     run = await otp("issue", "--user", "a", "--client", "c", env=env, cwd=tmp_path)
