@@ -20,6 +20,7 @@ wrong key); its phone numbers and TTLs stay.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -68,9 +69,27 @@ def redact(
         cleaned = _clean(data, scrub_digits and not _names_its_candidate(data), 0)
     except (orjson.JSONDecodeError, _TooDeep):
         return _clean_raw(body, scrub_digits)
-    if cleaned == data:
+    if cleaned == data and not _repeats_a_key(body):
         return body, False
+    # Written anew also when only a key repeats: a reader keeps the last of two equal keys,
+    # so the earlier one, which may hold the code, is in the bytes but not in ``data``.
     return orjson.dumps(cleaned), True
+
+
+def _repeats_a_key(body: bytes) -> bool:
+    """Whether any object in ``body`` (JSON that orjson has read) has a key twice."""
+    repeated = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeated
+        repeated = repeated or len({key for key, _ in items}) < len(items)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return True  # read differently than orjson did: rewrite, to be safe
+    return repeated
 
 
 _PLAIN_ENCODINGS = {"", "identity", "utf-8", "utf8", "us-ascii", "ascii"}

@@ -43,6 +43,10 @@ BAD_BODIES = {
     "utf-16": json.dumps({**CONFIRM, "x": 1}).encode("utf-16"),
     "utf-16 without BOM": json.dumps({**CONFIRM, "x": 1}).encode("utf-16-be"),
     "after another escape": b'{"u":"\\u0424242424"',
+    # A JSON reader keeps the last of two equal keys: the body read back has nothing to hide.
+    "a code key twice": b'{"command_id":"c","user":"u","client":"c","code":"424242",'
+    b'"code":"[redacted]","x":1}',
+    "a code key twice, nested": b'{"command_id":"c","d":{"code":"424242","code":"x"}}',
 }
 
 
@@ -143,6 +147,12 @@ def test_an_issue_keeps_its_numbers() -> None:
     )
     assert redact("code.issue", body) == (body, False)
     assert redact("code.issue", body[:-1] + b",}") == (body[:-1] + b",}", False)
+
+
+def test_an_issue_with_a_code_key_twice_loses_both() -> None:
+    body = b'{"command_id":"i","channel":"none","code":"424242","code":"[redacted]"}'
+    redacted, flagged = redact("code.issue", body)
+    assert flagged and CODE.encode() not in redacted
 
 
 def test_a_confirm_sent_as_an_issue_loses_its_code() -> None:
