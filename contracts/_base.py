@@ -3,14 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    field_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
 
 def _require_utc(value: datetime) -> datetime:
@@ -43,15 +36,23 @@ class StrictCommand(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
 
-    @field_validator("*")
-    @classmethod
-    def _no_nul(cls, value: object) -> object:
-        """PostgreSQL stores no U+0000 in text: such a command would fail its whole batch
-        there, and be parked as internal_error without a reply, while SQLite took it."""
+
+NUL_MESSAGE = "must not contain NUL (U+0000) characters"
+
+
+def fields_with_nul(command: BaseModel) -> list[str]:
+    """The fields of ``command`` whose text (or a map's key or value) holds U+0000.
+
+    Such a command is refused: PostgreSQL stores no NUL in text, so it would fail its whole
+    batch there, and be parked as internal_error without a reply, while SQLite took it. A
+    check after validation, not a validator on every field, since it costs the hot path
+    nothing: the worker looks only when the body holds the escape ``\\u0000``."""
+    named = []
+    for name, value in command:
         texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
         if any(isinstance(text, str) and "\x00" in text for text in texts):
-            raise ValueError("must not contain NUL (U+0000) characters")
-        return value
+            named.append(name)
+    return named
 
 
 class OpenMessage(BaseModel):

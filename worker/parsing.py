@@ -9,7 +9,7 @@ from typing import Literal
 import orjson
 from pydantic import ValidationError
 
-from contracts._base import MAX_COMMAND_ID_LENGTH
+from contracts._base import MAX_COMMAND_ID_LENGTH, NUL_MESSAGE, fields_with_nul
 from contracts.commands import ConfirmCode, IssueCode
 from contracts.replies import ErrorInfo, ErrorType, FieldError
 from contracts.topology import CONFIRM_ROUTING_KEY, ISSUE_ROUTING_KEY, MAX_BODY_BYTES
@@ -56,6 +56,9 @@ def parse_command(
         command = MODEL_OF_KIND[kind].model_validate_json(body)
     except ValidationError as exc:
         return _from_validation(kind, body, exc)
+    if b"\\u0000" in body and (named := fields_with_nul(command)):
+        errors = [FieldError(loc=name, msg=NUL_MESSAGE) for name in named]
+        return _reject(kind, body, "validation_error", "invalid command", errors)
     if isinstance(command, IssueCode):
         try:
             resolve_ttl(policy, command.ttl_seconds)
