@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from pathlib import Path
@@ -12,10 +13,11 @@ from tests.support import ROOT
 
 STAND_IN = """#!/bin/sh
 # Stands in for the project's python: "-m worker" and "-m worker.notifier" alike run until
-# SIGTERM or SIGINT, then exit with $EXIT_ON_SIGNAL (or end by themselves with $EXIT_NOW).
-echo "$2" >> "$STARTED"
-if [ -n "${EXIT_NOW:-}" ] && [ "$2" = worker ]; then exit "$EXIT_NOW"; fi
+# SIGTERM or SIGINT, then exit with $EXIT_ON_SIGNAL (or the worker ends by itself with
+# $EXIT_NOW). Each says it started only once its trap is set.
 trap 'exit ${EXIT_ON_SIGNAL:-0}' TERM INT
+if [ -n "${EXIT_NOW:-}" ] && [ "$2" = worker ]; then exit "$EXIT_NOW"; fi
+echo "$2" >> "$STARTED"
 while :; do sleep 0.05; done
 """
 
@@ -33,14 +35,14 @@ def start(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
 
 
 def wait_started(started: Path, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
+    """Until both stand-ins have set their traps (the marker comes after), or fails."""
+    for _ in range(600):
         if started.exists() and len(started.read_text().split()) == 2:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            continue
-        return
+            pytest.fail(f"run_dev.sh ended with {process.returncode} before both started")
+    pytest.fail("the stand-ins did not start within 30 s")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
