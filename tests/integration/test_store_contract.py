@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from tests.databases import BACKENDS, postgres_database
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
 from worker.store import Store, open_store
 from worker.store.base import (
@@ -359,6 +361,10 @@ async def test_replies_stored_before_fingerprints_load_without_one(database_url:
 
 async def test_locked_transactions_of_two_stores_serialise(store: Store, database_url: str) -> None:
     """Read-modify-write of one code from two stores (two processes' worth): no lost update."""
+    await increment_from_two_stores(store, database_url)
+
+
+async def increment_from_two_stores(store: Store, database_url: str) -> None:
     other = await open_store(database_url, outbox_lease_seconds=LEASE)
     await write(store, Writes(codes={SCOPE: code()}))
 
@@ -375,6 +381,61 @@ async def test_locked_transactions_of_two_stores_serialise(store: Store, databas
         await other.close()
     async with store.transaction() as tx:
         assert (await tx.load_codes([SCOPE]))[SCOPE].attempts == 20
+
+
+@asynccontextmanager
+async def postgres_set(**settings: str) -> AsyncIterator[str]:
+    """A fresh PostgreSQL database whose sessions start with ``settings``, as a DBA or a
+    managed service may have set them for the database or the role."""
+    if "postgresql" not in BACKENDS:
+        pytest.skip("PostgreSQL is not among OTP_TEST_BACKENDS")
+    async with postgres_database() as url:
+        admin = await asyncpg.connect(url)
+        try:
+            for name, value in settings.items():
+                await admin.execute(
+                    f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET {name} = '{value}'"
+                )
+        finally:
+            await admin.close()
+        yield url
+
+
+async def test_locking_holds_on_a_server_that_defaults_to_repeatable_read() -> None:
+    # The snapshot would be taken by the lock statement, before it waits: the write then
+    # fails with a serialization error, or (for inserts) decides on stale rows.
+    async with postgres_set(default_transaction_isolation="repeatable read") as url:
+        store = await open_store(url, outbox_lease_seconds=LEASE)
+        try:
+            await increment_from_two_stores(store, url)
+        finally:
+            await store.close()
+
+
+async def test_a_statement_timeout_while_waiting_for_a_lock_is_an_error_of_the_moment() -> None:
+    # Retried and requeued, not taken for a bug: that would dead-letter the batch's commands.
+    async with postgres_set(statement_timeout="200ms") as url:
+        holder = await open_store(url, outbox_lease_seconds=LEASE)
+        waiter = await open_store(url, outbox_lease_seconds=LEASE)
+        held, done = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with holder.transaction() as tx:
+                await tx.lock(["scope:timeout"])
+                held.set()
+                await done.wait()
+
+        holding = asyncio.create_task(hold())
+        try:
+            await held.wait()
+            with pytest.raises(TransientStoreError, match="QueryCanceledError"):
+                async with waiter.transaction() as tx:
+                    await tx.lock(["scope:timeout"])
+        finally:
+            done.set()
+            await holding
+            await holder.close()
+            await waiter.close()
 
 
 async def test_ping_fails_after_close(database_url: str) -> None:

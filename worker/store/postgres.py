@@ -41,6 +41,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     # too many connections: the server's state of the moment, not the commands'
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A statement_timeout hit while a batch waits for another's locks, a cancel by an
+    # operator, idle timeouts, a server that became read-only in a failover: all pass.
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.InterfaceError,
     OSError,
     TimeoutError,
@@ -118,7 +124,10 @@ class PostgresStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresTransaction]:
-        async with self._connection() as conn, conn.transaction():
+        # READ COMMITTED said, not left to the server: under a default of REPEATABLE READ
+        # the snapshot would be taken by the first statement, the lock, before it waits,
+        # and the batch would decide on what the lock's last holder had not yet committed.
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
             yield PostgresTransaction(conn, self._lease)
 
     async def claim_outbox(
