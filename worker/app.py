@@ -21,6 +21,7 @@ from contracts.topology import (
     DEAD_LETTERS,
     UNDELIVERABLE,
 )
+from worker import settlement
 from worker.amqp import (
     Publisher,
     connect,
@@ -252,6 +253,9 @@ class Worker:
                 log.warning("tasks did not stop in time", tasks=[t.get_name() for t in stuck])
         self._tasks.clear()
         if self.connection is not None:
+            await settlement.flush_writes(
+                self.connection, settlement.FLUSH_SECONDS
+            )  # the last acks
             with contextlib.suppress(Exception):
                 await self.connection.close()
         if self.store is not None:

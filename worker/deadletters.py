@@ -150,9 +150,12 @@ async def _walk(url: str, timeout: float, limit: int, visit: Visitor) -> None:
         queue: AbstractQueue = await channel.declare_queue(
             DEAD_LETTER_QUEUE, passive=True, timeout=timeout
         )
+        # Only what is there now: a replayed command that is dead-lettered again lands at
+        # the tail, and walking on would replay it again, up to ``limit`` times.
+        waiting = queue.declaration_result.message_count or 0
         held: list[AbstractIncomingMessage] = []
         try:
-            for _ in range(limit):
+            for _ in range(min(limit, waiting)):
                 message = await queue.get(no_ack=False, fail=False, timeout=timeout)
                 if message is None:
                     break
@@ -167,6 +170,7 @@ async def _walk(url: str, timeout: float, limit: int, visit: Visitor) -> None:
             for message in held:
                 if not channel.is_closed:
                     await settlement.nack(message, requeue=True)
+            await settlement.flush_writes(connection, timeout)  # or the last ack is lost
     finally:
         await connection.close()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
 from worker.log import get_logger
@@ -77,6 +79,30 @@ async def ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> No
         await channel.basic_ack(message.delivery_tag, multiple=multiple, wait=False)
         return
     await _while_open(message, message.ack(multiple=multiple))
+
+
+FLUSH_SECONDS = 5.0
+"""How long a closing process waits for its last frames to be written."""
+
+
+async def flush_writes(connection: AbstractConnection, timeout: float) -> None:
+    """Waits until every frame queued on ``connection`` so far has gone to the socket.
+
+    ``ack`` queues its frame without waiting, and closing a connection abandons its write
+    queue: a process that acks and then closes must call this in between, or the broker
+    redelivers what was handled (a second reply, a dead letter replayed twice). Gives up
+    quietly after ``timeout`` or on a connection already gone: then nothing more can be
+    written anyway."""
+    transport = connection.transport
+    if transport is None or transport.connection.is_closed:
+        return
+    written = asyncio.get_running_loop().create_future()
+    with contextlib.suppress(TimeoutError, asyncio.QueueFull):
+        async with asyncio.timeout(timeout):
+            await transport.connection.write_queue.put(
+                ChannelFrame(payload=b"", should_close=False, drain_future=written)
+            )
+            await written
 
 
 async def nack(message: AbstractIncomingMessage, *, requeue: bool) -> None:

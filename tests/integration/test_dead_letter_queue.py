@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aio_pika
@@ -11,7 +12,8 @@ from structlog.testing import capture_logs
 
 from contracts.topology import DEAD_LETTER_QUEUE, ERROR_TYPE_HEADER, REDACTED_HEADER
 from tests.conftest import WorkerFactory
-from tests.support import producer
+from tests.support import producer, queued_commands
+from worker.deadletters import list_dead_letters, replay_dead_letters
 
 QUORUM = {"x-queue-type": "quorum"}
 
@@ -64,3 +66,44 @@ async def test_a_dead_letter_queue_declared_before_is_used_as_it_is(
         await connection.close()
     assert dead.body == b"{"
     assert dead.headers[ERROR_TYPE_HEADER] == "invalid_json"
+
+
+async def park_rejected(amqp_url: str, count: int) -> list[str]:
+    """``count`` issues with a field the contract does not know: each is rejected and parked.
+    Their command_ids."""
+    async with producer(amqp_url) as otp:
+        replies = [await otp.issue(user=f"parked-{n}", extra="x") for n in range(count)]
+    assert {r["status"] for r in replies} == {"rejected"}
+    return [r["command_id"] for r in replies]
+
+
+async def test_a_replayed_dead_letter_leaves_the_queue(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    # The walk ends at once on the one it was asked for; its ack used to be queued without
+    # waiting, and the close that followed dropped it: the copy went out, the dead letter
+    # stayed, and every replay of it queued one more copy.
+    worker = await start_worker()
+    [command_id] = await park_rejected(amqp_url, 1)
+    await worker.stop()
+    first = await replay_dead_letters(amqp_url, wanted=command_id, limit=100, timeout=10)
+    assert [letter.command_id for letter in first.replayed] == [command_id]
+    again = await replay_dead_letters(amqp_url, wanted=command_id, limit=100, timeout=10)
+    assert not again.found, "the dead letter was still there after its replay"
+    assert await list_dead_letters(amqp_url, limit=100, timeout=10) == []
+    assert await queued_commands(amqp_url) == 1
+
+
+async def test_replaying_all_replays_each_dead_letter_once(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    # The worker rejects the copies again, and they land at the queue's tail: a walk that
+    # went on fetching replayed them again and again, up to its limit.
+    await start_worker()
+    command_ids = await park_rejected(amqp_url, 3)
+    report = await replay_dead_letters(amqp_url, wanted=None, limit=50, timeout=10)
+    assert sorted(letter.command_id or "" for letter in report.replayed) == sorted(command_ids)
+    async with asyncio.timeout(20):  # the copies come back, rejected once more
+        while len(letters := await list_dead_letters(amqp_url, limit=50, timeout=10)) < 3:
+            await asyncio.sleep(0.05)
+    assert sorted(letter.replays for letter in letters) == [1, 1, 1]

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from contracts.topology import DEAD_LETTER, EVENTS
+from worker import settlement
 from worker.amqp import Publisher, connect, declare_exchange, declare_queue
 from worker.domain.sealing import Sealer
 from worker.log import get_logger
@@ -250,6 +251,8 @@ class Notifier:
             sweeper.cancel()
         connection, self.connection = self.connection, None
         if connection is not None:
+            # The last acks were queued without waiting: written before the close.
+            await settlement.flush_writes(connection, settlement.FLUSH_SECONDS)
             with contextlib.suppress(Exception):
                 await connection.close()
         http, self._http = self._http, None
