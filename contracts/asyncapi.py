@@ -79,7 +79,14 @@ def _schemas() -> dict[str, Any]:
     _, top = models_json_schema(
         [(model, "validation") for model in models], ref_template=SCHEMA_REF
     )
-    return dict(top["$defs"])
+    schemas = dict(top["$defs"])
+    for event in EVENT_TYPES:
+        # Every event body has its name (CONTRACT.md §4); the models only default it, so
+        # that code building an event need not repeat it.
+        required = schemas[event.__name__].setdefault("required", [])
+        if "event" not in required:
+            required.insert(0, "event")
+    return schemas
 
 
 def _message(model: type[BaseModel], summary: str) -> dict[str, Any]:

@@ -77,3 +77,12 @@ def test_every_contract_message_has_a_channel_and_a_schema() -> None:
     assert set(schemas["ConfirmResult"]["properties"]["status"]["enum"]) >= {"confirmed", "locked"}
     replies = document["operations"]["issueCode"]["reply"]["messages"]
     assert replies == [{"$ref": "#/channels/reply/messages/IssueResult"}]
+
+
+def test_every_event_schema_requires_its_name() -> None:
+    # CONTRACT.md §4: every event body has `event`; subscribers dispatch on it.
+    schemas = yaml.safe_load(COMMITTED.read_text())["components"]["schemas"]
+    events = [name for name, schema in schemas.items() if "event" in schema.get("properties", {})]
+    assert len(events) == 6
+    for name in events:
+        assert "event" in schemas[name]["required"], name
