@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
@@ -50,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), 2)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`otp dead-letters list | head -1`): not the broker's doing.
+        # Quiet, as other tools are, and with stdout pointed away so the exit's flush of
+        # what was left does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         return fail(*_explain(exc))
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -315,6 +316,22 @@ async def test_asyncapi_prints_the_committed_document(tmp_path: Path) -> None:
     run = await otp("asyncapi", env=cli_env(UNREACHABLE), cwd=tmp_path)
     assert run.rc == 0
     assert run.out == (ROOT / "docs" / "asyncapi.yaml").read_text()
+
+
+def test_a_reader_that_goes_away_is_not_reported_as_the_broker(tmp_path: Path) -> None:
+    # `otp dead-letters list | head -1` said "broker unavailable ...: [Errno 32] Broken pipe".
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "asyncapi"],  # ~24 KB: more than one write
+        env=cli_env(UNREACHABLE),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert err == b""
 
 
 @pytest.mark.parametrize("worker_running", [True, False])
