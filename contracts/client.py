@@ -221,6 +221,9 @@ class OtpClient:
         """The ones published on the current connection: ``None`` answers them if it drops."""
         self._ready = asyncio.Event()
         """Set while the connection is up and direct reply-to is consumed on it."""
+        self._closed = False
+        """Set as ``connect``'s block ends: calls still waiting end at once, not after
+        each of their attempts waited ``timeout`` for a connection that will not return."""
         self._broker_user = broker_user
         """Sent as ``user_id`` with a reveal, which a worker may require (and the broker
         checks against the connection's login)."""
@@ -237,6 +240,7 @@ class OtpClient:
         broker takes it from the client's certificate and the URL does not say it: pass it
         here, or a reveal carries no ``user_id``."""
         connection = await connect_robust(url, name="otp-client", timeout=timeout)
+        client: OtpClient | None = None
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             commands = await _existing_exchange(channel, COMMANDS_EXCHANGE)
@@ -256,6 +260,8 @@ class OtpClient:
             channel.reopen_callbacks.add(client._on_reconnected)
             yield client
         finally:
+            if client is not None:
+                client._closed = True
             await connection.close()
 
     async def issue(
@@ -349,6 +355,8 @@ class OtpClient:
                     self._in_flight.discard(future)
                 if message is None:
                     lost = True
+                    if self._closed:
+                        break
                     continue
                 return _parse_reply(message, reply_type)
             if lost:
@@ -377,6 +385,8 @@ class OtpClient:
             type=type(command).__name__,
             user_id=self._broker_user if getattr(command, "reveal", False) else None,
         )
+        if self._closed:
+            raise _Lost
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:

@@ -109,6 +109,21 @@ async def test_timeout_when_no_worker_consumes(amqp_url: str) -> None:
     assert raised.value.attempts == 2
 
 
+async def test_calls_still_waiting_when_the_client_closes_end_at_once(amqp_url: str) -> None:
+    # Each remaining attempt used to wait its whole timeout for a connection that the
+    # client itself had closed: 40 s here.
+    await declare_topology(amqp_url)
+    async with OtpClient.connect(amqp_url) as otp:
+        call = asyncio.create_task(
+            otp.issue(user="alice", client="c", channel="none", timeout=20, retries=2)
+        )
+        async with asyncio.timeout(10):
+            while await queued_commands(amqp_url) < 1:
+                await asyncio.sleep(0.02)
+    with pytest.raises(OtpConnectionLost):
+        await asyncio.wait_for(call, 10)
+
+
 async def test_unroutable_when_no_worker_ever_ran(amqp_url: str) -> None:
     await declare_topology(amqp_url, with_queue=False)
     async with OtpClient.connect(amqp_url) as otp:
