@@ -13,10 +13,13 @@ from tests.conftest import make_settings
 from tests.integration.notifier_support import Gateway, SmtpServer
 from worker.notifier.app import Notifier
 from worker.notifier.retry import retry_queue_specs
-from worker.settings import Keys
+from worker.settings import Keys, Settings
 
 BACKOFF = 0.05
 MAX_ATTEMPTS = 4
+MOST_ATTEMPTS: int = next(
+    m.le for m in Settings.model_fields["notifier_max_attempts"].metadata if hasattr(m, "le")
+)
 NotifierFactory = Callable[..., Awaitable[Notifier]]
 
 
@@ -37,10 +40,18 @@ async def gateway() -> AsyncIterator[Gateway]:
 
 
 async def delete_retry_queues(url: str) -> None:
-    """The shared fixtures know only the service's queues; the delay queues go here."""
+    """The shared fixtures know only the service's queues; the delay queues go here: every
+    tier a notifier of these tests may declare, with the tests' backoff or the default, up
+    to the most attempts the settings allow (a test that keeps the default of 5 declares a
+    fifth tier), so none is left to route a parked message into a later test's queue."""
+    tiers = {
+        spec.name: spec
+        for base in (BACKOFF, Settings.model_fields["notifier_backoff_base_seconds"].default)
+        for spec in retry_queue_specs(MOST_ATTEMPTS, base).values()
+    }
     connection = await aio_pika.connect(url)
     try:
-        for spec in retry_queue_specs(MAX_ATTEMPTS, BACKOFF).values():
+        for spec in tiers.values():
             channel = await connection.channel()
             await channel.queue_delete(spec.name)
             await channel.close()

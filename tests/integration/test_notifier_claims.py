@@ -174,7 +174,9 @@ async def test_a_send_that_would_outlast_its_claim_is_cut_off_before_the_lease_e
     lease = 1.0
     smtp.slow_sessions, smtp.step_delay = 1, 0.4
     event = CodeIssued.model_validate(crafted_event("161803"))
-    async with _deliverer(database_url, smtp, lease, smtp_timeout=0.8) as (deliverer, _):
+    # An SMTP timeout far above a step's delay: only the lease may cut the send off, also
+    # when a slow host stretches a step.
+    async with _deliverer(database_url, smtp, lease, smtp_timeout=10.0) as (deliverer, _):
         first = asyncio.create_task(deliverer.attempt(event, 1, datetime.now(UTC)))
         # The copy looks once the first attempt gave up, or once its claim has run out.
         await asyncio.wait({first}, timeout=lease + 0.1)
