@@ -228,14 +228,14 @@ TEST_DELIVERY_KEY = "aGFwcHktdGVzdGluZy1kZWxpdmVyeS1rZXktMzJieXQ="
 
 
 def start_process(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    handle = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        cwd=str(log_path.parent),
-    )
+    with log_path.open("ab") as handle:  # the child has its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=str(log_path.parent),
+        )
 
 
 async def cancel_parking_consumer(worker: Worker) -> None:
