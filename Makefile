@@ -21,6 +21,7 @@ run: $(STAMP)
 ## test: ruff, mypy and the whole pytest suite against the machine's RabbitMQ
 test: $(STAMP)
 	@$(PY) scripts/ensure_broker.py OTP_TEST_AMQP_BASE
+	@$(PY) scripts/ensure_postgres.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

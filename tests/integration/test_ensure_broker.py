@@ -1,4 +1,5 @@
-"""``scripts/ensure_broker.py``: the broker its caller will use answers, or one clear line."""
+"""``scripts/ensure_broker.py`` and ``ensure_postgres.py``: what the caller will use answers,
+or one clear line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.databases import POSTGRES_BASE
 from tests.support import BROKER, ROOT
 
 UNREACHABLE = "amqp://guest:guest@192.0.2.1:5672"
@@ -62,3 +64,36 @@ def test_the_service_url_in_dot_env_is_the_one_checked(tmp_path: Path) -> None:
     assert overridden.returncode == 0, overridden.stderr
     tests = ensure_broker("OTP_TEST_AMQP_BASE", cwd=tmp_path)  # not a service setting
     assert tests.returncode == 0, tests.stderr
+
+
+def ensure_postgres(**env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ensure_postgres.py")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_postgres_the_tests_use_answers_quietly() -> None:
+    result = ensure_postgres(OTP_TEST_POSTGRES_BASE=POSTGRES_BASE)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_an_unreachable_postgres_is_one_line_saying_what_to_set() -> None:
+    result = ensure_postgres(OTP_TEST_POSTGRES_BASE="postgresql://postgres@192.0.2.1:5432")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: no PostgreSQL reachable at 192.0.2.1:5432 (start it, set "
+        "OTP_TEST_POSTGRES_BASE, or run with OTP_TEST_BACKENDS=sqlite)\n"
+    )
+
+
+def test_postgres_is_not_looked_for_when_the_tests_do_not_use_it() -> None:
+    result = ensure_postgres(
+        OTP_TEST_BACKENDS="sqlite", OTP_TEST_POSTGRES_BASE="postgresql://postgres@192.0.2.1:5432"
+    )
+    assert (result.returncode, result.stderr) == (0, "")

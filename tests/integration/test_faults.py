@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -23,6 +24,7 @@ from contracts.topology import (
     UNDELIVERABLE_QUEUE,
 )
 from tests.conftest import WorkerFactory
+from tests.databases import BACKENDS, POSTGRES_BASE
 from tests.proxy import proxied
 from tests.support import (
     Producer,
@@ -529,12 +531,13 @@ def test_unreachable_postgres_is_one_line(module: str, tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot connect to PostgreSQL" in lines[0], lines
 
 
+@pytest.mark.skipif("postgresql" not in BACKENDS, reason="PostgreSQL not among the backends")
 @pytest.mark.parametrize("module", ["worker", "worker.notifier"])
 @pytest.mark.parametrize(
     "url",
     [
-        "postgresql://no_such_role_otp@127.0.0.1:5432/test",
-        "postgresql://postgres@127.0.0.1:5432/no_such_database_otp",
+        f"postgresql://no_such_role_otp@{urlsplit(POSTGRES_BASE).netloc.rpartition('@')[2]}/x",
+        f"{POSTGRES_BASE}/no_such_database_otp",
     ],
     ids=["role", "database"],
 )
