@@ -19,7 +19,7 @@ from aiosmtpd.controller import Controller
 
 from bench.harness import free_port
 from contracts.topology import EVENTS_EXCHANGE
-from tests.support import TEST_DELIVERY_KEY
+from tests.support import AUDIT, TEST_DELIVERY_KEY
 from worker.amqp import Publisher, json_properties
 from worker.domain.sealing import Sealer
 from worker.notifier.transports import SmtpConfig
@@ -278,7 +278,9 @@ def relay_config(smtp: SmtpServer, *, timeout: float = 10.0, **options: Any) -> 
 
 
 def crafted_event(code: str, **overrides: Any) -> dict[str, Any]:
-    """A ``code.issued`` body as the worker would publish it, sealed under the test key."""
+    """A ``code.issued`` body as the worker would publish it, sealed under the test key; its
+    code joins the session's log audit, like every code a worker issues."""
+    AUDIT.codes.add(code)
     now = datetime.now(UTC)
     body: dict[str, Any] = {
         "event": "code.issued",

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.client import OtpClient
 from contracts.topology import COMMAND_QUEUE
 from tests.conftest import WorkerFactory, make_settings
-from tests.support import ROOT, event_log, producer
+from tests.support import AUDIT, ROOT, event_log, producer
 from worker.app import Worker
 from worker.settings import Keys
 from worker.store import open_store
@@ -99,6 +99,7 @@ async def test_issue_and_confirm(
     reply = json.loads(issued.out)
     assert reply["status"] == "issued"
     assert reply["code"].isdigit()
+    AUDIT.codes.add(reply["code"])
 
     # "--code -" reads it from stdin, out of the process list; --code VALUE is used below.
     nothing = await otp("confirm", *scope, "--code", "-", env=env, cwd=tmp_path, stdin="")

@@ -32,7 +32,7 @@ from contracts.topology import (
 )
 from tests.conftest import WorkerFactory
 from tests.proxy import proxied
-from tests.support import ROOT, channel_on, declare_topology, queued_commands
+from tests.support import AUDIT, ROOT, channel_on, declare_topology, queued_commands
 
 
 async def unacked_events(url: str) -> int:
@@ -83,6 +83,7 @@ async def test_issue_then_confirm(amqp_url: str, start_worker: WorkerFactory) ->
         issued = await otp.issue(user="alice", client="test-app", channel="none", reveal=True)
         assert issued.status == "issued"
         assert issued.code is not None
+        AUDIT.codes.add(issued.code)
         wrong = await otp.confirm(user="alice", client="test-app", code="not-it")
         assert (wrong.status, wrong.attempts_left) == ("invalid", 4)
         confirmed = await otp.confirm(user="alice", client="test-app", code=issued.code)
