@@ -90,6 +90,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
+    at_least = {"commands": 2, "rss_commands": 2, "rss_backlog": 1, "prestored": 1, "prefetch": 1}
+    for name, lowest in at_least.items():
+        if getattr(args, name) < lowest:
+            p.error(f"--{name.replace('_', '-')} must be at least {lowest}")
+    for name in ("latency_seconds", "stall_timeout"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0")
+    if args.latency_rate is not None and not 0 < args.latency_rate < float("inf"):
+        p.error("--latency-rate must be a number of commands a second above 0")
+    if not 0 <= args.latency_warmup < args.latency_seconds:
+        p.error("--latency-warmup must be at least 0 and shorter than --latency-seconds")
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:
@@ -204,11 +215,25 @@ def report(results: dict[str, Result], args: Any, command_line: str, total: floa
         print("  ".join(cells[:-1]) + "  " + row[-1])
     print()
     print(
-        f"commands per throughput run: {args.commands}, prefetch {args.prefetch}, "
-        f"events queue: {args.events_queue}; worker env extras: {args.worker_env_dict or '-'}"
+        f"commands per throughput run: {args.commands}, raw consumer prefetch {args.prefetch}, "
+        f"events queue: {args.events_queue}; worker: {worker_setup(args.worker_env_dict)}; "
+        f"worker env extras: {args.worker_env_dict or '-'}"
     )
     print("timing: first reply to last reply of a prefilled queue, (N-1)/span")
     print(f"command line: {command_line}")
+
+
+def worker_setup(extras: dict[str, str]) -> str:
+    """The worker settings the figures depend on, as its runs had them: its defaults, unless
+    --worker-env set them."""
+    from worker.settings import ENV_PREFIX, Settings
+
+    shown = []
+    for name in ("prefetch", "batch_size", "sqlite_synchronous"):
+        variable = f"{ENV_PREFIX}{name}".upper()
+        value = extras.get(variable, Settings.model_fields[name].default)
+        shown.append(f"{name.replace('_', ' ')} {value}")
+    return ", ".join(shown)
 
 
 def write_json(

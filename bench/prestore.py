@@ -5,7 +5,8 @@ idempotency record of the issue command that created it); a ``sends`` row only f
 issued in the last hour, as the sweeper keeps that table to the rate-limit window. Issue times
 are spread over the past 12 hours (inside every retention, so the sweeper deletes nothing
 during the run); codes last 300 s, so most are expired, some confirmed or locked. Users are
-random strings, so rows land in random key order, as organic traffic would put them.
+random strings, so rows land in random key order, as organic traffic would put them, and
+the runs' own keys (``scenarios.spread``) fall among them, not beside them.
 
 Digests are real HMACs under the run's secret key; sealed codes are real Fernet tokens, taken
 from a pool of 1,000 (sealing a million costs ~30 s and changes nothing the store sees).
@@ -53,7 +54,7 @@ def _rows(
     while done < count:
         codes, replies, sends = [], [], []
         for _ in range(min(CHUNK, count - done)):
-            user = f"stored-{secrets.token_hex(8)}"
+            user = f"{secrets.token_hex(8)}-stored"  # spread like the runs' users
             skey = scope_key(Scope(user, client, "login"))
             code_id = str(uuid.uuid4())
             code = f"{rng.randrange(10**6):06d}"
@@ -88,7 +89,9 @@ def _rows(
                     "resent": False,
                 }
             )
-            replies.append(("issue", command_id, reply, issued))
+            # A keyed fingerprint of the command, as the worker keeps with each reply.
+            fingerprint = hmac.new(secret, command_id.encode(), hashlib.sha256).digest()
+            replies.append(("issue", command_id, reply, fingerprint, issued))
             if issued > window_start:
                 sends.append((skey, None, issued))
         done += len(codes)
@@ -114,7 +117,8 @@ def fill(
         for codes, replies, sends in _rows(count, secret, delivery_key, client, time.time()):
             db.executemany(f"INSERT INTO codes VALUES ({','.join('?' * 12)})", codes)  # noqa: S608
             db.executemany(
-                "INSERT INTO replies (kind, command_id, reply, created_at) VALUES (?,?,?,?)",
+                "INSERT INTO replies (kind, command_id, reply, fingerprint, created_at) "
+                "VALUES (?,?,?,?,?)",
                 replies,
             )
             db.executemany(
