@@ -87,11 +87,18 @@ class Drained:
     bench_cpu_seconds: float | None
     exit_code: int | None
     problems: list[str]
+    events_after: float | None = None
+    """Seconds from the last reply until the events queue held every event (polled): the
+    worker relays its events after it replies, the raw consumer before it acks, so a rate
+    timed to the last reply alone could flatter the worker."""
 
     def as_data(self) -> dict[str, Any]:
         return {
             "commands": self.count,
             "span_seconds": round(self.span, 3),
+            "events_after_last_reply_seconds": (
+                round(self.events_after, 3) if self.events_after is not None else None
+            ),
             "commands_per_second": round(self.rate, 1),
             "statuses": dict(self.statuses),
             "events": self.events,
@@ -115,7 +122,10 @@ class Drained:
                 cpu += f" broker {self.broker_cpu_seconds / self.span:.0%}"
             if self.bench_cpu_seconds is not None:
                 cpu += f" bench {self.bench_cpu_seconds / self.span:.0%}"
-        return f"{self.count} cmds in {self.span:.2f} s, events {self.events}{cpu}"
+        events = f"events {self.events}"
+        if self.events_after is not None:
+            events += f" (all in {self.events_after * 1000:,.0f} ms after the last reply)"
+        return f"{self.count} cmds in {self.span:.2f} s, {events}{cpu}"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -250,6 +260,7 @@ class Bench:
         try:
             await wait_replies(replies, [proc], stall_timeout=self.args.stall_timeout, what=label)
             cpu_end = (proc.cpu_seconds(), cpu_seconds_of(beam), own_cpu_seconds())
+            events_after = await self._events_in(events_expected, replies.times[-1])
         finally:
             watcher.cancel()
             exit_code = await proc.stop()
@@ -274,12 +285,24 @@ class Bench:
             for i, (a, b) in enumerate(zip(cpu_at_first[0], cpu_end, strict=True)):
                 spent[i] = b - a if a is not None and b is not None else None
         drained = Drained(
-            len(times), span, rate, statuses, events, prefill, *spent, exit_code, problems
-        )
+            len(times), span, rate, statuses, events, prefill, *spent, exit_code, problems,
+            events_after,
+        )  # fmt: skip
         self.log(f"  {label}: {rate:,.0f} commands/s ({drained.summary()})")
         for problem in problems:
             self.log(f"  {label}: PROBLEM {problem}")
         return drained
+
+    async def _events_in(self, expected: int, last_reply: float) -> float | None:
+        """Seconds after ``last_reply`` until the events queue holds ``expected`` messages,
+        polled every 10 ms for up to 10 s; None if they did not all arrive by then."""
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            count, _ = await self.broker.queue_counts(EVENTS_QUEUE)
+            if count >= expected:
+                return max(0.0, time.perf_counter() - last_reply)
+            await asyncio.sleep(0.01)
+        return None
 
     def log(self, text: str) -> None:
         print(text, flush=True)
