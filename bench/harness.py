@@ -146,10 +146,17 @@ class Proc:
         Proc.live.discard(self)
 
     def rss_kib(self) -> int | None:
+        return self._status_kib("VmRSS:")
+
+    def peak_rss_kib(self) -> int | None:
+        """The kernel's high-water mark of the RSS: a peak between two samples counts too."""
+        return self._status_kib("VmHWM:")
+
+    def _status_kib(self, field: str) -> int | None:
         try:
             with open(f"/proc/{self.pid}/status") as status:
                 for line in status:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         return int(line.split()[1])
         except (OSError, ValueError):
             return None

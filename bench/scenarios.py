@@ -655,6 +655,7 @@ class Bench:
 
         tasks: list[asyncio.Task[None]] = []
         purger: asyncio.Task[None] | None = None
+        high_water: int | None = None
         try:
             await broker.wait_consuming(proc)
             replies.reset(prefix, total)
@@ -677,6 +678,7 @@ class Bench:
             final = proc.rss_kib()
             if final is not None:
                 samples.append((time.perf_counter(), replies.count, final))
+            high_water = proc.peak_rss_kib()
         finally:
             for task in tasks:
                 task.cancel()
@@ -692,7 +694,7 @@ class Bench:
         times = replies.times
         span = times[-1] - times[0]
         result.rate = (len(times) - 1) / span
-        peak = max(s[2] for s in samples)
+        peak = max([s[2] for s in samples] + ([high_water] if high_water else []))
 
         def at(fraction: float) -> int:
             return next(s[2] for s in samples if s[1] >= fraction * total)
