@@ -14,6 +14,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -61,6 +62,31 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
+
+
+async def queue_counts(
+    connection: AbstractConnection, queue: str, timeout: float
+) -> spec.Queue.DeclareOk:
+    """A passive declare of ``queue`` (its message and consumer counts), on a plain channel
+    of its own, closed after.
+
+    Never on a channel that consumes or publishes: a passive declare that finds the queue
+    gone closes its channel, and so does aiormq when the answer takes longer than
+    ``timeout`` (a broker slow for a moment): on the consuming channel, every delivery not
+    yet acked would come back and be answered twice. Nor on a robust channel, which
+    aio-pika would reopen, racing the close."""
+    transport = connection.transport
+    if transport is None:
+        raise ConnectionError("not connected to the broker")
+    async with asyncio.timeout(timeout):
+        channel = await transport.connection.channel()
+    try:
+        return await channel.queue_declare(queue, passive=True, timeout=timeout)
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await channel.close()
 
 
 async def declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> AbstractExchange:

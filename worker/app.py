@@ -28,6 +28,7 @@ from worker.amqp import (
     declare_exchanges,
     declare_queue,
     declare_queue_or_adopt,
+    queue_counts,
 )
 from worker.consumer import CommandConsumer, Observer
 from worker.domain.codes import CodeHasher
@@ -180,18 +181,10 @@ class Worker:
         return self._watchdog.broker_messages if self._watchdog is not None else 0
 
     async def dead_letters(self) -> int:
-        """Messages waiting in ``otp.dead-letter``, asked on a plain channel of its own: a
-        passive declare of a queue that is gone closes its channel, which must be neither a
-        consuming one nor a robust one (aio-pika would reopen that, racing our close)."""
-        transport = self.connection.transport if self.connection is not None else None
-        if transport is None:
+        """Messages waiting in ``otp.dead-letter`` (``queue_counts`` says on what channel)."""
+        if self.connection is None:
             raise ConnectionError("not connected to the broker")
-        channel = await transport.connection.channel()
-        try:
-            declared = await channel.queue_declare(DEAD_LETTERS.name, passive=True, timeout=5)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        declared = await queue_counts(self.connection, DEAD_LETTERS.name, timeout=5)
         return declared.message_count or 0
 
     async def consuming(self) -> bool:

@@ -33,6 +33,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import ChannelInvalidStateError, ConnectionClosed
 
+from worker.amqp import queue_counts
 from worker.log import get_logger
 
 log = get_logger(__name__)
@@ -112,7 +113,8 @@ class ConsumerWatchdog:
         try:
             async with asyncio.timeout(2):
                 channel = await self.queue.channel.get_underlay_channel()
-            declared = await channel.queue_declare(self.queue.name, passive=True, timeout=5)
+            # Not on the consuming channel: a slow answer would close it (queue_counts).
+            declared = await queue_counts(self._connection, self.queue.name, timeout=5)
         except Exception:
             return False
         self.broker_consumers = declared.consumer_count or 0

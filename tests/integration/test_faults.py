@@ -195,6 +195,36 @@ async def test_stop_finishes_while_the_broker_is_unreachable(
         await asyncio.wait_for(worker.stop(), 60)
 
 
+async def test_a_consumer_check_the_broker_is_slow_to_answer_leaves_the_deliveries_be(
+    amqp_url: str, start_worker: WorkerFactory
+) -> None:
+    # The check's passive declare ran on the consuming channel: aiormq closes a channel
+    # whose call outlasts its timeout (5 s), and every delivery not yet acked on it came
+    # back, to be answered a second time. /readyz and /metrics run the same check.
+    async with proxied(amqp_url) as (proxy, url):
+        worker = await start_worker(
+            amqp_url=url, consumer_check_seconds=3600, reveal_clients="test-app"
+        )
+        assert worker._queue is not None
+        consuming = await worker._queue.channel.get_underlay_channel()
+        async with producer(amqp_url) as otp:
+            proxy.hold_from_broker()
+            check = asyncio.create_task(worker.consuming())
+            futures = [await otp.send("code.issue", issue_command(f"slow-{i}")) for i in range(5)]
+            async with asyncio.timeout(5):  # delivered: on their way to the worker, held
+                while await queued_commands(amqp_url):
+                    await asyncio.sleep(0.05)
+            assert not await check  # no answer within its 5 s
+            proxy.release()
+            replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+            assert {r["status"] for r in replies} == {"issued"}
+            # One more round trip after the release, for anything still to come in.
+            assert (await otp.issue(user="after-the-hold"))["status"] == "issued"
+            assert not consuming.is_closed, "the check closed the consuming channel"
+            assert len(otp.reply_messages) == 6, "a delivery came back and was answered twice"
+        assert await worker.consuming()
+
+
 async def test_a_lost_consumer_is_detected_and_restored(
     amqp_url: str, start_worker: WorkerFactory
 ) -> None:
