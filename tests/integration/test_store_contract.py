@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from tests.databases import BACKENDS, postgres_database
 from worker.domain.model import CodeRecord, CodeState, FailureStreak, Scope
@@ -445,6 +446,32 @@ async def test_ping_fails_after_close(database_url: str) -> None:
     # aiosqlite: "no active connection"; the PostgreSQL pool: closed, as a transient error.
     with pytest.raises((ValueError, TransientStoreError)):
         await opened.ping()
+
+
+async def test_closing_a_locked_sqlite_store_leaves_its_relayed_rows_and_does_not_raise(
+    tmp_path: Path,
+) -> None:
+    # The deferred delete of relayed outbox rows ran at close with the full 30 s busy wait
+    # and raised: a SIGTERM with another process holding the write lock exited 1.
+    path = tmp_path / "locked.db"
+    store = await open_store(f"sqlite:///{path}", outbox_lease_seconds=LEASE)
+    relayed = await write(store, Writes(events=[event(0), event(1)]))
+    await store.forget_outbox(relayed)  # deleted with the next write, or at close
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with capture_logs() as logs:
+            await asyncio.wait_for(store.close(), 15)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    [warning] = [e for e in logs if e["event"].startswith("relayed outbox rows not deleted")]
+    assert "locked" in warning["error"]
+    reopened = await open_store(f"sqlite:///{path}", outbox_lease_seconds=LEASE)
+    try:
+        assert await reopened.outbox_backlog() == 2  # published again at the next start
+    finally:
+        await reopened.close()
 
 
 async def test_a_full_sqlite_database_is_an_error_of_the_moment(tmp_path: Path) -> None:
