@@ -79,7 +79,7 @@ async def queue_counts(
     if transport is None:
         raise ConnectionError("not connected to the broker")
     async with asyncio.timeout(timeout):
-        channel = await transport.connection.channel()
+        channel = await transport.connection.channel(publisher_confirms=False)  # one trip less
     try:
         return await channel.queue_declare(queue, passive=True, timeout=timeout)
     finally:
