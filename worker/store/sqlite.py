@@ -54,9 +54,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 FORGET_DELAY_SECONDS = 0.5
+"""How long relayed outbox rows may wait for a write transaction to delete them in."""
 CLOSE_BUSY_MS = 2000
 """How long closing waits for a locked store to delete the relayed outbox rows."""
-"""How long relayed outbox rows may wait for a write transaction to delete them in."""
 
 
 class SqliteStore:
