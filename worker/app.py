@@ -246,11 +246,8 @@ class Worker:
                 log.warning("tasks did not stop in time", tasks=[t.get_name() for t in stuck])
         self._tasks.clear()
         if self.connection is not None:
-            await settlement.flush_writes(
-                self.connection, settlement.FLUSH_SECONDS
-            )  # the last acks
             with contextlib.suppress(Exception):
-                await self.connection.close()
+                await settlement.close_after_writes(self.connection, settlement.FLUSH_SECONDS)
         if self.store is not None:
             await self.store.close()
         if self.metrics_server is not None:

@@ -170,9 +170,8 @@ async def _walk(url: str, timeout: float, limit: int, visit: Visitor) -> None:
             for message in held:
                 if not channel.is_closed:
                     await settlement.nack(message, requeue=True)
-            await settlement.flush_writes(connection, timeout)  # or the last ack is lost
     finally:
-        await connection.close()
+        await settlement.close_after_writes(connection, timeout)
 
 
 def _replayable_copy(message: AbstractIncomingMessage, letter: DeadLetter) -> aio_pika.Message:

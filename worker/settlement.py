@@ -105,6 +105,13 @@ async def flush_writes(connection: AbstractConnection, timeout: float) -> None:
             await written
 
 
+async def close_after_writes(connection: AbstractConnection, timeout: float) -> None:
+    """Closes ``connection`` once the frames queued on it (``ack`` queues without waiting)
+    have been written (``flush_writes``): every process that acks closes this way."""
+    await flush_writes(connection, timeout)
+    await connection.close()
+
+
 async def nack(message: AbstractIncomingMessage, *, requeue: bool) -> None:
     """``message.nack``, given up (``ChannelInvalidStateError``) once its channel closes."""
     await _while_open(message, message.nack(requeue=requeue))

@@ -251,10 +251,8 @@ class Notifier:
             sweeper.cancel()
         connection, self.connection = self.connection, None
         if connection is not None:
-            # The last acks were queued without waiting: written before the close.
-            await settlement.flush_writes(connection, settlement.FLUSH_SECONDS)
             with contextlib.suppress(Exception):
-                await connection.close()
+                await settlement.close_after_writes(connection, settlement.FLUSH_SECONDS)
         http, self._http = self._http, None
         if http is not None:
             await http.close()
