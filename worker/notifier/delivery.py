@@ -110,10 +110,10 @@ class Deliverer:
             # Nothing was sent. A requeue would be back within milliseconds and use up the
             # queue's delivery limit during a database restart: wait in the retry tiers instead.
             log.warning("claiming the delivery failed; it will be retried", error=repr(exc))
+            claim = None
+        if claim is None:
             outcome = self._transient("store_unavailable", attempt)
-            self._observe(event.channel, _result_of(outcome), seconds)
-            return outcome
-        if isinstance(claim, AlreadyDelivered):
+        elif isinstance(claim, AlreadyDelivered):
             outcome = Delivered(claim.attempts, earlier=True)
         elif isinstance(claim, ClaimedElsewhere):
             outcome = Busy()
