@@ -103,19 +103,16 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
 
-    @field_validator("amqp_url", "database_url")
+    @field_validator("amqp_url", "database_url", "sms_gateway_url")
     @classmethod
-    def _url_usable(cls, url: str, info: ValidationInfo) -> str:
-        check = amqp_url_problem if info.field_name == "amqp_url" else database_url_problem
-        problem = check(url)
-        if problem:
-            raise PydanticCustomError("url", problem)
-        return url
-
-    @field_validator("sms_gateway_url")
-    @classmethod
-    def _gateway_usable(cls, url: str | None) -> str | None:
-        problem = sms_gateway_url_problem(url) if url else None
+    def _url_usable(cls, url: str | None, info: ValidationInfo) -> str | None:
+        checks: dict[str, Callable[[str], str | None]] = {
+            "amqp_url": amqp_url_problem,
+            "database_url": database_url_problem,
+            # Unset or empty: no gateway (sms then fails permanently).
+            "sms_gateway_url": lambda u: sms_gateway_url_problem(u) if u else None,
+        }
+        problem = checks[str(info.field_name)](url) if url is not None else None
         if problem:
             raise PydanticCustomError("url", problem)
         return url
