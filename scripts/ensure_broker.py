@@ -30,6 +30,20 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+"""Where a server that is down may be started here."""
+
+
+def wait_reachable(host: str, port: int, seconds: float) -> bool:
+    """Whether ``host:port`` answers within ``seconds`` (a server just started)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if reachable(host, port):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 SERVICE_VARIABLE = "OTP_AMQP_URL"
 
 
@@ -52,19 +66,13 @@ def main(argv: list[str]) -> int:
     host, port = parts.hostname or "127.0.0.1", parts.port or 5672
     if reachable(host, port):
         return 0
-    local = host in {"127.0.0.1", "localhost", "::1"}
-    if local and shutil.which("rabbitmq-server"):
+    if host in LOCAL_HOSTS and shutil.which("rabbitmq-server"):
         print(f"RabbitMQ not answering at {host}:{port}; starting rabbitmq-server", flush=True)
         subprocess.run(["rabbitmq-server", "-detached"], check=False)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if reachable(host, port):
-                if shutil.which("rabbitmqctl"):
-                    subprocess.run(
-                        ["rabbitmqctl", "await_startup"], check=False, capture_output=True
-                    )
-                return 0
-            time.sleep(0.5)
+        if wait_reachable(host, port, 90):
+            if shutil.which("rabbitmqctl"):
+                subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True)
+            return 0
     print(
         f"error: no RabbitMQ broker reachable at {host}:{port} (start one, or set {variable})",
         file=sys.stderr,

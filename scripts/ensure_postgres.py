@@ -12,11 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ensure_broker import reachable
+from ensure_broker import LOCAL_HOSTS, reachable, wait_reachable
 
 DEFAULT_BASE = "postgresql://postgres@127.0.0.1:5432"
 CLUSTERS = Path("/etc/postgresql")
@@ -42,14 +41,11 @@ def main() -> int:
     host, port = parts.hostname or "127.0.0.1", parts.port or 5432
     if reachable(host, port):
         return 0
-    if host in {"127.0.0.1", "localhost", "::1"} and shutil.which("pg_ctlcluster"):
+    if host in LOCAL_HOSTS and shutil.which("pg_ctlcluster"):
         print(f"PostgreSQL not answering at {host}:{port}; starting its cluster", flush=True)
         start_local_clusters()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if reachable(host, port):
-                return 0
-            time.sleep(0.5)
+        if wait_reachable(host, port, 60):
+            return 0
     print(
         f"error: no PostgreSQL reachable at {host}:{port} (start it, set "
         "OTP_TEST_POSTGRES_BASE, or run with OTP_TEST_BACKENDS=sqlite)",
