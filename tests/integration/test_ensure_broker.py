@@ -15,19 +15,26 @@ UNREACHABLE = "amqp://guest:guest@192.0.2.1:5672"
 """TEST-NET-1: never answers, and not local, so the script does not try to start a broker."""
 
 
-def ensure_broker(
-    *args: str, cwd: Path | None = None, **env: str
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
+    """``scripts/<script>`` with ``args``, in an environment of no OTP_ variable but ``env``."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
     environment.update(env)
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "ensure_broker.py"), *args],
+        [sys.executable, str(ROOT / "scripts" / script), *args],
         env=environment,
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def ensure_broker(
+    *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return run_script("ensure_broker.py", *args, cwd=cwd, **env)
 
 
 def test_the_broker_the_tests_use_answers_quietly() -> None:
@@ -67,15 +74,7 @@ def test_the_service_url_in_dot_env_is_the_one_checked(tmp_path: Path) -> None:
 
 
 def ensure_postgres(**env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTP_")}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "ensure_postgres.py")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_script("ensure_postgres.py", **env)
 
 
 def test_the_postgres_the_tests_use_answers_quietly() -> None:
