@@ -201,14 +201,9 @@ async def test_an_error_no_transport_sorted_is_retried_not_requeued(
     smtp: SmtpServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    send, failures = SmtpTransport.send_email, [1]
-
-    async def flaky(self: SmtpTransport, *args: Any) -> None:
-        if failures[0] > 0:
-            failures[0] -= 1
-            raise RuntimeError("a library error nobody sorted, quoting 141592")
-        await send(self, *args)
-
+    unsorted = RuntimeError("a library error nobody sorted, quoting 141592")
+    # On the class, so the notifier's own transport has it; the first send fails.
+    flaky = failing_first(1, unsorted, SmtpTransport.send_email)
     monkeypatch.setattr(SmtpTransport, "send_email", flaky)
     notifier = await start_notifier()
     with capture_logs() as logs:
