@@ -4,12 +4,20 @@
 # the two: 0 when both stopped cleanly on the signal.
 set -u
 PY="$1"
+# The trap is set before either process starts: a signal that came after they started but
+# before the trap would otherwise end this script alone and leave both running.
+worker=
+notifier=
+stopping=0
+trap 'stopping=1; kill -TERM $worker $notifier 2>/dev/null' INT TERM
 "$PY" -m worker &
 worker=$!
 "$PY" -m worker.notifier &
 notifier=$!
-stopping=0
-trap 'stopping=1; kill -TERM $worker $notifier 2>/dev/null' INT TERM
+# A signal that came while a process was starting may have found its pid not yet known.
+if [ $stopping = 1 ]; then
+    kill -TERM $worker $notifier 2>/dev/null
+fi
 wait -n $worker $notifier
 first=$?
 kill -TERM $worker $notifier 2>/dev/null
