@@ -15,6 +15,8 @@ from typing import Any
 
 import aio_pika
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from contracts.topology import (
     COMMAND_QUEUE,
@@ -37,6 +39,13 @@ from worker.log import configure
 from worker.settings import Keys, Settings
 
 SERVICE_QUEUES = (COMMAND_QUEUE, DEAD_LETTER_QUEUE, NOTIFIER_QUEUE, UNDELIVERABLE_QUEUE)
+
+# A slow, shared CI host stretches single examples past Hypothesis's 200 ms deadline and trips
+# its too_slow check: neither says anything about the code under test.
+hypothesis_settings.register_profile(
+    "slow-host", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("slow-host")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,10 @@ from worker.amqp import Publisher, json_properties
 from worker.domain.sealing import Sealer
 from worker.notifier.transports import SmtpConfig
 
+READY_TIMEOUT = 30.0
+"""How long aiosmtpd's thread may take to start serving (its default, 1 s, is short on a
+slow host)."""
+
 
 async def wait_until(predicate: Callable[[], bool], changed: asyncio.Event, timeout: float) -> None:
     async def _wait() -> None:
@@ -83,7 +87,9 @@ class SmtpServer:
         self._lock = threading.Lock()
         self.port = free_port()
         self._options = options
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **options)
+        self._controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, ready_timeout=READY_TIMEOUT, **options
+        )
 
     def start(self) -> None:
         self._controller.start()
@@ -96,7 +102,9 @@ class SmtpServer:
         """Stops (dropping every open connection, as a server restart does) and starts again
         on the same port."""
         self._controller.stop()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **self._options)
+        self._controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, ready_timeout=READY_TIMEOUT, **self._options
+        )
         self._controller.start()
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:

@@ -372,7 +372,8 @@ async def test_sigkill_mid_batch_then_restart_delivers_every_code(
         OTP_NOTIFIER_BACKOFF_BASE_SECONDS=str(BACKOFF),
         OTP_NOTIFIER_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
         # The killed process leaves live claims: their copies wait out the lease, then go out.
-        OTP_NOTIFIER_CLAIM_LEASE_SECONDS="2",
+        # 5 s: each of the 32 sends in flight must end within it, on a slow host too.
+        OTP_NOTIFIER_CLAIM_LEASE_SECONDS="5",
     )
     log_path = tmp_path / "notifier.log"
     smtp.hold_after = hold_after

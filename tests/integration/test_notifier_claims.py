@@ -171,8 +171,9 @@ async def test_a_send_that_would_outlast_its_claim_is_cut_off_before_the_lease_e
 ) -> None:
     # Each step answers within the SMTP timeout, but the four of them take longer than the
     # lease: a copy elsewhere could take the claim over and send the mail a second time.
-    lease = 1.0
-    smtp.slow_sessions, smtp.step_delay = 1, 0.4
+    # 3 s: the lease bounds the second attempt's whole session too, on a slow host.
+    lease = 3.0
+    smtp.slow_sessions, smtp.step_delay = 1, 1.2
     event = CodeIssued.model_validate(crafted_event("161803"))
     # An SMTP timeout far above a step's delay: only the lease may cut the send off, also
     # when a slow host stretches a step.

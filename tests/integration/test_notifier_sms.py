@@ -39,8 +39,9 @@ async def test_a_gateway_4xx_fails_at_once_without_a_retry(
 async def test_a_gateway_that_stalls_past_the_timeout_is_retried(
     amqp_url: str, start_notifier: NotifierFactory, gateway: Gateway
 ) -> None:
-    gateway.stalls = 1
-    notifier = await start_notifier(sms_gateway_url=gateway.url, sms_timeout_seconds=0.3)
+    gateway.stalls = 1  # never answered: only the timeout ends it, however long it is
+    # The timeout bounds the retry's successful request too: 2 s, for a slow host.
+    notifier = await start_notifier(sms_gateway_url=gateway.url, sms_timeout_seconds=2.0)
     async with event_log(amqp_url) as events:
         await publish_event(amqp_url, crafted_event("161803", channel="sms", destination="+49152"))
         await events.wait_for(settled)

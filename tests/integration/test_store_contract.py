@@ -385,12 +385,16 @@ async def increment_from_two_stores(store: Store, database_url: str) -> None:
 
 
 @asynccontextmanager
-async def postgres_set(**settings: str) -> AsyncIterator[str]:
+async def postgres_set(*, migrated: bool = False, **settings: str) -> AsyncIterator[str]:
     """A fresh PostgreSQL database whose sessions start with ``settings``, as a DBA or a
-    managed service may have set them for the database or the role."""
+    managed service may have set them for the database or the role; ``migrated``: its
+    schema made (a store opened and closed) before they are set."""
     if "postgresql" not in BACKENDS:
         pytest.skip("PostgreSQL is not among OTP_TEST_BACKENDS")
     async with postgres_database() as url:
+        if migrated:
+            store = await open_store(url, outbox_lease_seconds=LEASE)
+            await store.close()
         admin = await asyncpg.connect(url)
         try:
             for name, value in settings.items():
@@ -415,7 +419,8 @@ async def test_locking_holds_on_a_server_that_defaults_to_repeatable_read() -> N
 
 async def test_a_statement_timeout_while_waiting_for_a_lock_is_an_error_of_the_moment() -> None:
     # Retried and requeued, not taken for a bug: that would dead-letter the batch's commands.
-    async with postgres_set(statement_timeout="200ms") as url:
+    # Migrated first: on a slow host the migrations themselves could outlast 200 ms.
+    async with postgres_set(migrated=True, statement_timeout="200ms") as url:
         holder = await open_store(url, outbox_lease_seconds=LEASE)
         waiter = await open_store(url, outbox_lease_seconds=LEASE)
         held, done = asyncio.Event(), asyncio.Event()
