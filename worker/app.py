@@ -86,6 +86,7 @@ class Worker:
             synchronous=s.sqlite_synchronous,
             cache_mib=s.sqlite_cache_mib,
             outbox_lease_seconds=s.outbox_lease_seconds,
+            checkpoint_interval=s.sqlite_checkpoint_interval_seconds,
         )
         self.connection = await connect(s.amqp_url, "otp-worker", s.amqp_connect_timeout_seconds)
         publish = await self.connection.channel(publisher_confirms=True)

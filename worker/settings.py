@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(256, ge=1, le=2000)
     sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
     sqlite_cache_mib: int = Field(2, ge=1, le=4096)
+    sqlite_checkpoint_interval_seconds: float = Field(0.05, ge=0, le=60)
+    """How often a thread of the worker's copies committed WAL pages back into the database
+    (``worker.store.checkpointer``); 0 leaves it to SQLite, inside the commits."""
     publish_timeout_seconds: float = Field(10.0, gt=0)
     amqp_connect_timeout_seconds: float = Field(30.0, gt=0)
     """Bound on opening the broker connection, at start and on every reconnect: a broker

@@ -12,6 +12,7 @@ async def open_store(
     synchronous: str = "FULL",
     cache_mib: int = 2,
     outbox_lease_seconds: float = 30.0,
+    checkpoint_interval: float = 0.0,
 ) -> Store:
     if store_backend(url) == "sqlite":
         from worker.store.sqlite import SqliteStore
@@ -21,6 +22,7 @@ async def open_store(
             synchronous=synchronous,
             cache_mib=cache_mib,
             outbox_lease_seconds=outbox_lease_seconds,
+            checkpoint_interval=checkpoint_interval,
         )
     from worker.store.postgres import PostgresStore
 

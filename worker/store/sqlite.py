@@ -25,6 +25,7 @@ from worker.store.base import (
     TransientStoreError,
     claimed_rows,
 )
+from worker.store.checkpointer import BACKSTOP_PAGES, Checkpointer
 from worker.store.migrations import migrations
 from worker.store.sqlite_transaction import (
     SqliteTransaction,
@@ -67,6 +68,7 @@ class SqliteStore:
         self._forgotten: list[int] = []
         """Relayed outbox rows, deleted first thing in the next write transaction."""
         self._forget_task: asyncio.Task[None] | None = None
+        self.checkpointer: Checkpointer | None = None
 
     @classmethod
     async def open(
@@ -76,7 +78,10 @@ class SqliteStore:
         synchronous: str = "FULL",
         cache_mib: int = 2,
         outbox_lease_seconds: float = 30.0,
+        checkpoint_interval: float = 0.0,
     ) -> SqliteStore:
+        """``checkpoint_interval`` > 0 moves WAL checkpoints to a thread of their own
+        (``worker.store.checkpointer``); 0 leaves them to SQLite, inside the commits."""
         path = path_of(url)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +93,10 @@ class SqliteStore:
             store = cls(db, outbox_lease_seconds)
             await db.execute(f"PRAGMA synchronous={synchronous}")
             await retry_locked(store._migrate)
+            if checkpoint_interval > 0 and path != ":memory:":
+                await db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+                store.checkpointer = Checkpointer(path, checkpoint_interval)
+                store.checkpointer.start()
         except BaseException:
             await db.close()
             raise
@@ -254,6 +263,8 @@ class SqliteStore:
                 error=repr(exc),
             )
         finally:
+            if self.checkpointer is not None:
+                await self.checkpointer.stop()
             await self._db.close()
 
 

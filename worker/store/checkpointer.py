@@ -1,0 +1,92 @@
+"""WAL checkpoints on a thread and a connection of their own, off the commit path.
+
+Left to itself, SQLite checkpoints inside the commit that takes the write-ahead log past
+1 000 pages: that commit copies the pages back into the database file and syncs it while
+its batch (and every command queued behind it) waits. With a large store a batch dirties
+pages all over the file, nearly every commit crosses the mark, and the sync of those
+scattered pages is most of what a million stored codes cost (bench/RUNS.md, runs 43 to 45).
+
+Here a thread copies committed pages back every ``interval`` seconds with a ``PASSIVE``
+checkpoint, which never blocks the writer or readers: the worker's commits only append to
+the log and sync it. The writer keeps SQLite's own checkpoint as a backstop at
+``BACKSTOP_PAGES``, so the log stays bounded should this thread fall behind or fail.
+
+Durability is SQLite's: a commit is durable once its log frames are synced, whoever copies
+them back later; a crash mid-checkpoint leaves the log authoritative until it is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from functools import partial
+from typing import Any
+
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+BACKSTOP_PAGES = 10_000
+"""The writer's own checkpoint threshold while the thread runs: ~40 MiB of log at most."""
+
+
+class Checkpointer:
+    def __init__(self, path: str, interval: float) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        # A daemon: a process that ends without closing its store is not held up by it.
+        self._thread = threading.Thread(target=self._run, name="otp-sqlite-checkpointer")
+        self._thread.daemon = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.passes = 0
+        """Checkpoints run, and checkpoints failed (tests and the curious read them)."""
+        self.failures = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            self._log("warning", "background checkpoints off: cannot open the store", exc)
+            return
+        failing = False
+        try:
+            # No busy wait: a checkpoint another connection is running now is as good.
+            conn.execute("PRAGMA busy_timeout=0")
+            while not self._stop.wait(self._interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    self.failures += 1
+                    if not failing:  # once per spell, not every interval
+                        self._log(
+                            "warning",
+                            "background checkpoint failed; the writer's own checkpoint "
+                            "bounds the log meanwhile",
+                            exc,
+                        )
+                    failing = True
+                    continue
+                if failing:
+                    self._log("info", "background checkpoints work again")
+                failing = False
+                self.passes += 1
+        finally:
+            conn.close()
+
+    def _log(self, level: str, message: str, exc: BaseException | None = None) -> None:
+        """Logs on the event loop's thread, where every other line of the process is written."""
+        fields: dict[str, Any] = {} if exc is None else {"error": repr(exc)}
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+                self._loop.call_soon_threadsafe(partial(getattr(log, level), message, **fields))
