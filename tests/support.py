@@ -175,6 +175,15 @@ class EventLog:
     def named(self, name: str) -> list[dict[str, Any]]:
         return [b for b in self.bodies if b["event"] == name]
 
+    def distinct(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The events (of ``name``) once each: a relay publishes an event again when its
+        confirm comes later than the outbox lease (tests use a 3 s one), which a slow host
+        can do; counting raw messages would then fail where nothing is wrong."""
+        seen: dict[str, dict[str, Any]] = {}
+        for body in self.bodies if name is None else self.named(name):
+            seen.setdefault(body["event_id"], body)
+        return list(seen.values())
+
     async def wait_for(self, predicate: Any, timeout: float = 20) -> None:
         async def _wait() -> None:
             while not predicate(self):

@@ -192,8 +192,8 @@ async def test_brute_force_counts_only_the_allowed_attempts_then_pauses_the_user
         paused = await otp.issue(user="victim")
         assert paused["status"] == "rate_limited"
         assert paused["retry_after_seconds"] > 3500
-        await events.wait_for(lambda e: len(e.named("code.locked")) == 1)
-        assert len(events.named("code.attempt_failed")) == 4
+        await events.wait_for(lambda e: len(e.distinct("code.locked")) == 1)
+        assert len(events.distinct("code.attempt_failed")) == 4
 
 
 async def test_codes_survive_key_rotation(amqp_url: str, start_worker: WorkerFactory) -> None:
@@ -216,8 +216,7 @@ async def test_codes_survive_key_rotation(amqp_url: str, start_worker: WorkerFac
         )
         resent = await otp.issue(user="r", reveal=True)
         assert (resent["code_id"], resent["code"]) == (issued["code_id"], issued["code"])
-        # Distinct events: a copy published again after a late confirm is not another one.
-        await events.wait_for(lambda e: len({b["event_id"] for b in e.bodies}) == 3)
+        await events.wait_for(lambda e: len(e.distinct()) == 3)
         assert (
             Sealer(new_delivery.encode()).unseal(events.bodies[-1]["sealed_code"]) == issued["code"]
         )
@@ -281,8 +280,8 @@ async def test_a_confirm_id_reused_for_another_user_is_rejected_and_counts_nothi
         wrong = await otp.confirm(user="mallory", client="other", code="000000")
         assert (wrong["status"], wrong["attempts_left"]) == ("invalid", 4)
         assert await otp.call("code.confirm", confirm | {"code": alice["code"]}) == first
-        await events.wait_for(lambda e: len(e.named("code.attempt_failed")) == 1)
-        assert len(events.named("code.confirmed")) == 1
+        await events.wait_for(lambda e: len(e.distinct("code.attempt_failed")) == 1)
+        assert len(events.distinct("code.confirmed")) == 1
 
 
 async def test_an_issue_id_reused_by_a_client_not_allowed_to_reveal_gets_no_code(

@@ -117,8 +117,8 @@ async def test_resend_returns_the_same_code_and_expiry(amqp_url: str, otp: Produ
             first["code_id"],
             first["expires_at"],
         )
-        await events.wait_for(lambda e: len(e.named("code.issued")) == 2)
-        assert [e["resent"] for e in events.named("code.issued")] == [False, True]
+        await events.wait_for(lambda e: len(e.distinct("code.issued")) == 2)
+        assert [e["resent"] for e in events.distinct("code.issued")] == [False, True]
         assert (await otp.confirm(user="dave", code=first["code"]))["status"] == "confirmed"
 
 
@@ -170,8 +170,8 @@ async def test_a_repeated_command_id_gets_the_identical_reply_and_no_second_even
         assert await otp.call("code.confirm", confirm) == await otp.call("code.confirm", confirm)
         sentinel = await otp.issue(user="gina-sentinel")
         await events.wait_for(lambda e: any(b["code_id"] == sentinel["code_id"] for b in e.bodies))
-        assert len(events.named("code.issued")) == 2  # gina once, the sentinel once
-        assert len(events.named("code.attempt_failed")) == 1
+        assert len(events.distinct("code.issued")) == 2  # gina once, the sentinel once
+        assert len(events.distinct("code.attempt_failed")) == 1
 
 
 async def test_duplicates_inside_one_batch(otp: Producer) -> None:
