@@ -25,7 +25,7 @@ from worker.store.base import (
     TransientStoreError,
     claimed_rows,
 )
-from worker.store.checkpointer import BACKSTOP_PAGES, Checkpointer
+from worker.store.checkpointer import BACKSTOP_PAGES, Checkpointer, wal_reset_fixed
 from worker.store.migrations import migrations
 from worker.store.sqlite_transaction import (
     SqliteTransaction,
@@ -94,13 +94,24 @@ class SqliteStore:
             await db.execute(f"PRAGMA synchronous={synchronous}")
             await retry_locked(store._migrate)
             if checkpoint_interval > 0 and path != ":memory:":
-                await db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
-                store.checkpointer = Checkpointer(path, checkpoint_interval)
-                store.checkpointer.start()
+                await store._start_checkpointer(path, checkpoint_interval)
         except BaseException:
             await db.close()
             raise
         return store
+
+    async def _start_checkpointer(self, path: str, interval: float) -> None:
+        if not wal_reset_fixed():
+            log.info(
+                "WAL checkpoints stay in the commits: this SQLite has the WAL-reset bug, "
+                "which a checkpoint on a second connection could hit",
+                sqlite_version=sqlite3.sqlite_version,
+                fixed_in="3.51.3 (3.50.7, 3.44.6)",
+            )
+            return
+        await self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        self.checkpointer = Checkpointer(path, interval)
+        self.checkpointer.start()
 
     async def _migrate(self) -> None:
         async with self._write() as db:
@@ -263,9 +274,11 @@ class SqliteStore:
                 error=repr(exc),
             )
         finally:
-            if self.checkpointer is not None:
-                await self.checkpointer.stop()
-            await self._db.close()
+            try:
+                if self.checkpointer is not None:
+                    await self.checkpointer.stop()
+            finally:  # a cancelled stop must not leave the writer's (non-daemon) thread
+                await self._db.close()
 
 
 async def open_wal(path: str | Path, *, busy_ms: int, timeout: float = 5.0) -> aiosqlite.Connection:
