@@ -15,10 +15,11 @@ from structlog.testing import capture_logs
 
 from tests.conftest import WorkerFactory
 from tests.integration.test_store_contract import SCOPE, code, write
+from worker.notifier.store import SqliteDeliveryStore
 from worker.settings import Settings
 from worker.store.base import Writes
-from worker.store.checkpointer import BACKSTOP_PAGES, Checkpointer, wal_reset_fixed
-from worker.store.sqlite import SqliteStore
+from worker.store.checkpointer import Checkpointer, wal_reset_fixed
+from worker.store.sqlite import WAL_AUTOCHECKPOINT_PAGES, SqliteStore
 
 
 def codes_in_file(path: Path) -> int | None:
@@ -51,7 +52,7 @@ async def test_committed_pages_reach_the_database_file_off_the_commit_path(
     checkpointer.start()
     try:
         await write(store, Writes(codes={SCOPE: code()}))
-        # One small commit: SQLite itself would not checkpoint before 1 000 pages of log.
+        # One small commit: SQLite itself would not checkpoint before 10 000 pages of log.
         await until(
             lambda: checkpointer.passes > 0 and codes_in_file(path) == 1,
             "the code never reached the file",
@@ -73,9 +74,25 @@ async def test_without_it_a_small_commit_stays_in_the_log(tmp_path: Path) -> Non
         await store.close()
 
 
-async def autocheckpoint(store: SqliteStore) -> int:
+async def autocheckpoint(store: SqliteStore | SqliteDeliveryStore) -> int:
     rows = list(await store._db.execute_fetchall("PRAGMA wal_autocheckpoint"))
     return int(rows[0][0])
+
+
+async def test_worker_and_notifier_checkpoint_at_the_same_mark(tmp_path: Path) -> None:
+    # Ten times SQLite's default (fewer checkpoints inside the commits), and the same on
+    # every connection to the file: at 1 000 the notifier would checkpoint in each of its
+    # commits while the worker's log sat between the two marks.
+    url = f"sqlite:///{tmp_path / 'otp.db'}"
+    store = await SqliteStore.open(url, checkpoint_interval=0)
+    deliveries = await SqliteDeliveryStore.open(url)
+    try:
+        assert WAL_AUTOCHECKPOINT_PAGES == 10_000
+        assert await autocheckpoint(store) == WAL_AUTOCHECKPOINT_PAGES
+        assert await autocheckpoint(deliveries) == WAL_AUTOCHECKPOINT_PAGES
+    finally:
+        await deliveries.close()
+        await store.close()
 
 
 async def test_a_sqlite_with_the_wal_reset_bug_keeps_its_own_checkpoints(
@@ -88,7 +105,7 @@ async def test_a_sqlite_with_the_wal_reset_bug_keeps_its_own_checkpoints(
         store = await SqliteStore.open(f"sqlite:///{tmp_path / 'otp.db'}", checkpoint_interval=0.01)
     try:
         assert store.checkpointer is None
-        assert await autocheckpoint(store) == 1000  # SQLite's default, in the commits
+        assert await autocheckpoint(store) == WAL_AUTOCHECKPOINT_PAGES  # in the commits
         [line] = [line for line in logs if "WAL-reset bug" in line["event"]]
         assert line["log_level"] == "info"
         assert line["sqlite_version"] == sqlite3.sqlite_version
@@ -103,7 +120,7 @@ async def test_with_the_fix_the_store_runs_one_and_closing_ends_it(
     store = await SqliteStore.open(f"sqlite:///{tmp_path / 'otp.db'}", checkpoint_interval=30)
     checkpointer = store.checkpointer
     assert checkpointer is not None and checkpointer.running
-    assert await autocheckpoint(store) == BACKSTOP_PAGES
+    assert await autocheckpoint(store) == WAL_AUTOCHECKPOINT_PAGES  # the backstop
     async with asyncio.timeout(10):  # without waiting out the 30 s interval
         await store.close()
     assert not checkpointer.running

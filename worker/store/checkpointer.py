@@ -8,8 +8,8 @@ scattered pages is most of what a million stored codes cost (bench/RUNS.md, runs
 
 Here a thread copies committed pages back every ``interval`` seconds with a ``PASSIVE``
 checkpoint, which never blocks the writer or readers: the worker's commits only append to
-the log. The writer keeps SQLite's own checkpoint as a backstop at ``BACKSTOP_PAGES``, so
-the log stays bounded should this thread fall behind or fail.
+the log. The writer keeps SQLite's own checkpoint (at ``WAL_AUTOCHECKPOINT_PAGES``) as a
+backstop, so the log stays bounded should this thread fall behind or fail.
 
 Only with a SQLite that has the fix for the WAL-reset bug (``wal_reset_fixed``): before
 it, a checkpoint on one connection starting while another connection's commit resets the
@@ -31,9 +31,6 @@ from typing import Any
 from worker.log import get_logger
 
 log = get_logger(__name__)
-
-BACKSTOP_PAGES = 10_000
-"""The writer's own checkpoint threshold while the thread runs: ~40 MiB of log at most."""
 
 WAL_RESET_FIXED_IN = ((3, 44, 6), (3, 50, 7), (3, 51, 3))
 """The releases with the fix: backports to 3.44 and 3.50, and every release from 3.51.3."""

@@ -25,7 +25,7 @@ from worker.store.base import (
     TransientStoreError,
     claimed_rows,
 )
-from worker.store.checkpointer import BACKSTOP_PAGES, Checkpointer, wal_reset_fixed
+from worker.store.checkpointer import Checkpointer, wal_reset_fixed
 from worker.store.migrations import migrations
 from worker.store.sqlite_transaction import (
     SqliteTransaction,
@@ -57,6 +57,14 @@ def is_transient(exc: BaseException) -> bool:
 FORGET_DELAY_SECONDS = 0.5
 """How long relayed outbox rows may wait for a write transaction to delete them in."""
 CLOSE_BUSY_MS = 2000
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+"""SQLite checkpoints in the commit that takes the log past this many pages (~40 MiB; its
+own default is 1 000). With a large store a batch dirties pages all over the file, so at
+1 000 nearly every commit also copied its pages back into the database and synced it; at
+10 000 one in ten does, over a log in which pages written twice are copied once (the
+1M-prestored run: 0.70-0.82 against 0.63-0.68 of the empty store, bench/RUNS.md). Every
+connection of ours on the file (worker and notifier) uses the same mark, so no one of
+them is left checkpointing in every commit of its own while the log sits between two."""
 """How long closing waits for a locked store to delete the relayed outbox rows."""
 
 
@@ -109,7 +117,6 @@ class SqliteStore:
                 fixed_in="3.51.3 (3.50.7, 3.44.6)",
             )
             return
-        await self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self.checkpointer = Checkpointer(path, interval)
         self.checkpointer.start()
 
@@ -295,6 +302,7 @@ async def open_wal(path: str | Path, *, busy_ms: int, timeout: float = 5.0) -> a
         # Processes opening a new file together (replicas starting at once) are refused the
         # locks this needs without the busy handler being asked: retried.
         await retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+        await db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     except BaseException as exc:
         await db.close()  # an open connection's thread would keep the process from exiting
         if isinstance(exc, sqlite3.DatabaseError) and not is_transient(exc):
