@@ -154,7 +154,9 @@ class Worker:
                 "set OTP_REVEAL_BROKER_USERS to tie it to the broker users that may reveal",
                 reveal_clients=sorted(policy.reveal_clients),
             )
-        log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch)
+        checkpoints = getattr(self.store, "checkpoints", None)  # SQLite's; None on PostgreSQL
+        extra = {} if checkpoints is None else {"sqlite_checkpoints": checkpoints}
+        log.info("worker consuming", queue=COMMAND_QUEUE, prefetch=s.prefetch, **extra)
 
     def _observe_command(self, routing_key: str, outcome: Handled | Rejection, t: float) -> None:
         self.metrics.observe_command(routing_key, outcome, t)

@@ -77,6 +77,9 @@ class SqliteStore:
         """Relayed outbox rows, deleted first thing in the next write transaction."""
         self._forget_task: asyncio.Task[None] | None = None
         self.checkpointer: Checkpointer | None = None
+        self.checkpoints = "in the commits"
+        """Where WAL checkpoints happen and why, for the worker's start line (not logged
+        here: a start that fails must stay one line)."""
 
     @classmethod
     async def open(
@@ -102,23 +105,22 @@ class SqliteStore:
             await db.execute(f"PRAGMA synchronous={synchronous}")
             await retry_locked(store._migrate)
             if checkpoint_interval > 0 and path != ":memory:":
-                await store._start_checkpointer(path, checkpoint_interval)
+                store._start_checkpointer(path, checkpoint_interval)
         except BaseException:
             await db.close()
             raise
         return store
 
-    async def _start_checkpointer(self, path: str, interval: float) -> None:
+    def _start_checkpointer(self, path: str, interval: float) -> None:
         if not wal_reset_fixed():
-            log.info(
-                "WAL checkpoints stay in the commits: this SQLite has the WAL-reset bug, "
-                "which a checkpoint on a second connection could hit",
-                sqlite_version=sqlite3.sqlite_version,
-                fixed_in="3.51.3 (3.50.7, 3.44.6)",
+            self.checkpoints = (
+                f"in the commits: SQLite {sqlite3.sqlite_version} has the WAL-reset bug, which "
+                "a checkpoint on a second connection could hit (fixed in 3.51.3, 3.50.7, 3.44.6)"
             )
             return
         self.checkpointer = Checkpointer(path, interval)
         self.checkpointer.start()
+        self.checkpoints = f"on a thread of their own, every {interval:g} s"
 
     async def _migrate(self) -> None:
         async with self._write() as db:
