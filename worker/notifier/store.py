@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from worker.store.sqlite import open_wal, retry_locked
+from worker.store.sqlite import NOTIFIER_WAL_AUTOCHECKPOINT_PAGES, open_wal, retry_locked
 from worker.store.sqlite_transaction import rollback_if_open, run_in_thread
 from worker.store.urls import path_of, store_backend
 
@@ -151,7 +151,9 @@ class SqliteDeliveryStore:
     async def open(cls, url: str) -> SqliteDeliveryStore:
         path = Path(path_of(url))
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await open_wal(path, busy_ms=10_000)
+        db = await open_wal(
+            path, busy_ms=10_000, autocheckpoint_pages=NOTIFIER_WAL_AUTOCHECKPOINT_PAGES
+        )
         try:
             await db.execute("PRAGMA synchronous = NORMAL")
             await retry_locked(lambda: run_in_thread(db, _create_schema))

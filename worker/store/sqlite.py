@@ -58,13 +58,18 @@ FORGET_DELAY_SECONDS = 0.5
 """How long relayed outbox rows may wait for a write transaction to delete them in."""
 CLOSE_BUSY_MS = 2000
 WAL_AUTOCHECKPOINT_PAGES = 10_000
-"""SQLite checkpoints in the commit that takes the log past this many pages (~40 MiB; its
-own default is 1 000). With a large store a batch dirties pages all over the file, so at
-1 000 nearly every commit also copied its pages back into the database and synced it; at
-10 000 one in ten does, over a log in which pages written twice are copied once (the
-1M-prestored run: 0.70-0.82 against 0.63-0.68 of the empty store, bench/RUNS.md). Every
-connection of ours on the file (worker and notifier) uses the same mark, so no one of
-them is left checkpointing in every commit of its own while the log sits between two."""
+"""The worker's connection checkpoints in the commit that takes the log past this many
+pages (~40 MiB; SQLite's own default is 1 000). With a large store a batch dirties pages
+all over the file, so at 1 000 nearly every commit also copied its pages back into the
+database and synced it; at 10 000 one in ten does, over a log in which pages written twice
+are copied once (the 1M-prestored run: 0.70-0.82 against 0.63-0.68 of the empty store,
+bench/RUNS.md)."""
+NOTIFIER_WAL_AUTOCHECKPOINT_PAGES = 100_000
+"""The notifier's mark, ten times the worker's: with a worker on the file the log never
+gets there, so the worker's connection is the only one that checkpoints. Two connections
+checkpointing one log are what SQLite's WAL-reset bug (before 3.51.3) needs; a notifier
+at 1 000 would also checkpoint in each of its commits while the worker's log sat between
+the marks. Alone on a file, the notifier still bounds its log (~400 MiB)."""
 """How long closing waits for a locked store to delete the relayed outbox rows."""
 
 
@@ -290,7 +295,13 @@ class SqliteStore:
                 await self._db.close()
 
 
-async def open_wal(path: str | Path, *, busy_ms: int, timeout: float = 5.0) -> aiosqlite.Connection:
+async def open_wal(
+    path: str | Path,
+    *,
+    busy_ms: int,
+    timeout: float = 5.0,
+    autocheckpoint_pages: int = WAL_AUTOCHECKPOINT_PAGES,
+) -> aiosqlite.Connection:
     """A connection to ``path`` in WAL mode, with a busy handler of ``busy_ms``.
 
     A path SQLite cannot open, or a file that is not a SQLite database, raises
@@ -304,7 +315,7 @@ async def open_wal(path: str | Path, *, busy_ms: int, timeout: float = 5.0) -> a
         # Processes opening a new file together (replicas starting at once) are refused the
         # locks this needs without the busy handler being asked: retried.
         await retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
-        await db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        await db.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint_pages)}")
     except BaseException as exc:
         await db.close()  # an open connection's thread would keep the process from exiting
         if isinstance(exc, sqlite3.DatabaseError) and not is_transient(exc):
