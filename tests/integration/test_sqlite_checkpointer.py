@@ -99,13 +99,20 @@ async def test_only_the_workers_connection_checkpoints_a_shared_file(tmp_path: P
         await store.close()
 
 
+async def open_where(
+    fixed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interval: float
+) -> SqliteStore:
+    """A store opened as on a SQLite with (or without) the WAL-reset fix."""
+    monkeypatch.setattr("worker.store.sqlite.wal_reset_fixed", lambda: fixed)
+    return await SqliteStore.open(f"sqlite:///{tmp_path / 'otp.db'}", checkpoint_interval=interval)
+
+
 async def test_a_sqlite_with_the_wal_reset_bug_keeps_its_own_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A checkpoint on a second connection could lose commits there: no thread, and the
     # store says why (the worker's start line carries it; a failing start stays one line).
-    monkeypatch.setattr("worker.store.sqlite.wal_reset_fixed", lambda: False)
-    store = await SqliteStore.open(f"sqlite:///{tmp_path / 'otp.db'}", checkpoint_interval=0.01)
+    store = await open_where(False, tmp_path, monkeypatch, interval=0.01)
     try:
         assert store.checkpointer is None
         assert await autocheckpoint(store) == WAL_AUTOCHECKPOINT_PAGES  # in the commits
@@ -118,8 +125,7 @@ async def test_a_sqlite_with_the_wal_reset_bug_keeps_its_own_checkpoints(
 async def test_with_the_fix_the_store_runs_one_and_closing_ends_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.store.sqlite.wal_reset_fixed", lambda: True)
-    store = await SqliteStore.open(f"sqlite:///{tmp_path / 'otp.db'}", checkpoint_interval=30)
+    store = await open_where(True, tmp_path, monkeypatch, interval=30)
     checkpointer = store.checkpointer
     assert checkpointer is not None and checkpointer.running
     assert await autocheckpoint(store) == WAL_AUTOCHECKPOINT_PAGES  # the backstop
