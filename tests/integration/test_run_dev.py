@@ -59,7 +59,7 @@ def test_a_signal_stops_both_and_a_clean_stop_exits_0(tmp_path: Path, sig: int) 
     assert process.wait(timeout=30) == 0
 
 
-@pytest.mark.parametrize("attempt", range(24))
+@pytest.mark.parametrize("attempt", range(60))
 def test_a_signal_as_the_processes_start_leaves_neither_running(
     tmp_path: Path, attempt: int
 ) -> None:

@@ -57,20 +57,20 @@ def is_transient(exc: BaseException) -> bool:
 FORGET_DELAY_SECONDS = 0.5
 """How long relayed outbox rows may wait for a write transaction to delete them in."""
 CLOSE_BUSY_MS = 2000
+"""How long closing waits for a locked store to delete the relayed outbox rows."""
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 """The worker's connection checkpoints in the commit that takes the log past this many
 pages (~40 MiB; SQLite's own default is 1 000). With a large store a batch dirties pages
 all over the file, so at 1 000 nearly every commit also copied its pages back into the
 database and synced it; at 10 000 one in ten does, over a log in which pages written twice
-are copied once (the 1M-prestored run: 0.70-0.82 against 0.63-0.68 of the empty store,
-bench/RUNS.md)."""
+are copied once (the 1M-prestored run's ratio to the empty store: 0.70-0.82 at 10 000
+against 0.63-0.68 at 1 000, bench/RUNS.md)."""
 NOTIFIER_WAL_AUTOCHECKPOINT_PAGES = 100_000
 """The notifier's mark, ten times the worker's: with a worker on the file the log never
 gets there, so the worker's connection is the only one that checkpoints. Two connections
 checkpointing one log are what SQLite's WAL-reset bug (before 3.51.3) needs; a notifier
 at 1 000 would also checkpoint in each of its commits while the worker's log sat between
 the marks. Alone on a file, the notifier still bounds its log (~400 MiB)."""
-"""How long closing waits for a locked store to delete the relayed outbox rows."""
 
 
 class SqliteStore:
