@@ -24,6 +24,7 @@ from tests.integration.notifier_support import (
     publish_event,
     relay_config,
 )
+from tests.integration.test_faults import wait_until
 from tests.support import TEST_DELIVERY_KEY, event_log, worker_env
 from worker.domain.sealing import Sealer
 from worker.notifier.delivery import Delivered, Deliverer, Retry
@@ -39,12 +40,6 @@ from worker.notifier.transports import ConsoleTransport, SmtpTransport
 from worker.store.urls import path_of
 
 PARKED = "another notifier is delivering it; parked"
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
 
 
 async def test_two_processes_with_copies_of_one_event_send_one_mail(
@@ -67,14 +62,16 @@ async def test_two_processes_with_copies_of_one_event_send_one_mail(
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     for log in logs:
         spawn("worker.notifier", env, log.name)
-    await _until(lambda: all(p.exists() and "notifier consuming" in p.read_text() for p in logs))
+    await wait_until(
+        lambda: all(p.exists() and "notifier consuming" in p.read_text() for p in logs)
+    )
     smtp.hold_after = 0  # the claimant's DATA waits: its claim stays live meanwhile
     body = crafted_event("918273")
     try:
         async with event_log(amqp_url) as events:
             await publish_event(amqp_url, body, body)
             await smtp.wait_for(lambda: smtp.held >= 1)
-            await _until(lambda: any(PARKED in p.read_text() for p in logs))
+            await wait_until(lambda: any(PARKED in p.read_text() for p in logs))
             assert smtp.held == 1, "both processes reached the SMTP server"
             smtp.release(accept=True)
             # Both copies settle: the claimant's, and the parked one finding it delivered.
@@ -250,7 +247,7 @@ async def test_the_notifier_sweeps_deliveries_older_than_the_retention(
         notifier = await start_notifier(
             notifier_dedup_retention_seconds=int(retention.total_seconds())
         )
-        await _until(lambda: any(e["event"] == "swept delivery records" for e in logs))
+        await wait_until(lambda: any(e["event"] == "swept delivery records" for e in logs))
     [swept] = [e for e in logs if e["event"] == "swept delivery records"]
     assert swept["count"] == 1
     async with event_log(amqp_url) as events:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from tests.conftest import WorkerFactory
+from tests.integration.test_faults import wait_until
 from tests.integration.test_store_contract import SCOPE, code, write
 from worker.notifier.store import SqliteDeliveryStore
 from worker.settings import Settings
@@ -40,13 +40,6 @@ def codes_in_file(path: Path) -> int | None:
         db.close()
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(20):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    assert predicate(), what
-
-
 async def test_committed_pages_reach_the_database_file_off_the_commit_path(
     tmp_path: Path,
 ) -> None:
@@ -57,10 +50,7 @@ async def test_committed_pages_reach_the_database_file_off_the_commit_path(
     try:
         await write(store, Writes(codes={SCOPE: code()}))
         # One small commit: SQLite itself would not checkpoint before 10 000 pages of log.
-        await until(
-            lambda: checkpointer.passes > 0 and codes_in_file(path) == 1,
-            "the code never reached the file",
-        )
+        await wait_until(lambda: checkpointer.passes > 0 and codes_in_file(path) == 1, every=0.01)
     finally:
         await checkpointer.stop()
         await store.close()
@@ -141,7 +131,7 @@ async def test_a_failing_checkpoint_is_told_once_not_every_time(tmp_path: Path) 
     with capture_logs() as logs:
         checkpointer.start()
         try:
-            await until(lambda: checkpointer.failures >= 5, "the checkpoints did not fail")
+            await wait_until(lambda: checkpointer.failures >= 5, every=0.01)
             await asyncio.sleep(0)  # the thread's lines are written on the loop
         finally:
             await checkpointer.stop()
