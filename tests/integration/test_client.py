@@ -127,9 +127,7 @@ async def test_calls_still_waiting_when_the_client_closes_end_at_once(amqp_url: 
         call = asyncio.create_task(
             otp.issue(user="alice", client="c", channel="none", timeout=20, retries=2)
         )
-        async with asyncio.timeout(10):
-            while await queued_commands(amqp_url) < 1:
-                await asyncio.sleep(0.02)
+        await asyncio.wait_for(until_queued(amqp_url, 1), 10)
     with pytest.raises(OtpConnectionLost):
         await asyncio.wait_for(call, 10)
 
